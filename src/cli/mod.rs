@@ -1,0 +1,40 @@
+//! The `sentence-mtl` command line: one file per subcommand.
+
+use clap::{Parser, Subcommand};
+
+pub mod embed;
+pub mod eval;
+pub mod predict;
+pub mod similarity;
+pub mod train;
+
+#[derive(Debug, Parser)]
+#[command(name = "sentence-mtl", version, about = "Sentence embeddings and multi-task learning on BERT, with fused CPU/CUDA ops")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Encode sentences into embeddings (JSON or .npy).
+    Embed(embed::EmbedArgs),
+    /// Cosine-similarity matrix of sentences (the notebook's Task 1).
+    Similarity(similarity::SimilarityArgs),
+    /// Train the dual-head multi-task model on TweetEval.
+    Train(train::TrainArgs),
+    /// Evaluate a checkpoint on a split.
+    Eval(eval::EvalArgs),
+    /// Predict both heads' labels for sentences.
+    Predict(predict::PredictArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Embed(args) => embed::run(args),
+        Command::Similarity(args) => similarity::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Predict(args) => predict::run(args),
+    }
+}

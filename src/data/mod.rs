@@ -1,0 +1,1 @@
+//! TweetEval data loading and batching (being written).

@@ -1,0 +1,5 @@
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    sentence_mtl::cli::run(sentence_mtl::cli::Cli::parse())
+}

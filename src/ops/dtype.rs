@@ -1,0 +1,107 @@
+//! The one place where dtypes are dispatched.
+//!
+//! Every op writes its CPU (and CUDA) body once, generic over [`FloatElem`], and
+//! [`with_float_dtype!`] picks the instance that matches a tensor's dtype. Half
+//! types accumulate in f32, f64 accumulates in f64.
+
+use candle_core::{DType, WithDType};
+use half::{bf16, f16};
+
+/// The accumulator type of an op: f32 for f16/bf16/f32 inputs, f64 for f64.
+pub trait Accum:
+    num_traits::Float
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + std::iter::Sum
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn of(v: f64) -> Self;
+}
+
+impl Accum for f32 {
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Accum for f64 {
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v
+    }
+}
+
+/// A floating-point element type the ops accept (f32, f16, bf16, f64).
+pub trait FloatElem: WithDType + Copy + Send + Sync + 'static {
+    type Acc: Accum;
+    /// Name used for the kernel instance of this dtype (`f32`, `f16`, `bf16`, `f64`).
+    const KERNEL_SUFFIX: &'static str;
+    fn to_acc(self) -> Self::Acc;
+    fn from_acc(v: Self::Acc) -> Self;
+}
+
+macro_rules! float_elem {
+    ($t:ty, $acc:ty, $suffix:literal, $to:expr, $from:expr) => {
+        impl FloatElem for $t {
+            type Acc = $acc;
+            const KERNEL_SUFFIX: &'static str = $suffix;
+            #[inline(always)]
+            fn to_acc(self) -> $acc {
+                $to(self)
+            }
+            #[inline(always)]
+            fn from_acc(v: $acc) -> Self {
+                $from(v)
+            }
+        }
+    };
+}
+
+float_elem!(f32, f32, "f32", |x: f32| x, |v: f32| v);
+float_elem!(f64, f64, "f64", |x: f64| x, |v: f64| v);
+float_elem!(f16, f32, "f16", f16::to_f32, f16::from_f32);
+float_elem!(bf16, f32, "bf16", bf16::to_f32, bf16::from_f32);
+
+/// The error every op gives for a dtype it does not support.
+pub fn unsupported_dtype(op: &str, what: &str, dtype: DType) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: unsupported dtype {dtype:?} for {what} (expected f32, f16, bf16 or f64)"
+    ))
+}
+
+/// Runs `$body` with the type alias `$T` bound to the Rust type of a float `$dtype`
+/// (f32, f16, bf16, f64); any other dtype is an `Err` naming the op and the input.
+///
+/// ```ignore
+/// with_float_dtype!("masked_mean_pool", "hidden", dtype, T => pool_cpu::<T>(storage, layout))
+/// ```
+#[macro_export]
+#[doc(hidden)]
+macro_rules! with_float_dtype {
+    ($op:expr, $what:expr, $dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            ::candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            ::candle_core::DType::F16 => {
+                type $T = ::half::f16;
+                $body
+            }
+            ::candle_core::DType::BF16 => {
+                type $T = ::half::bf16;
+                $body
+            }
+            ::candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            other => Err($crate::ops::dtype::unsupported_dtype($op, $what, other)),
+        }
+    };
+}
+pub use with_float_dtype;

@@ -1,0 +1,87 @@
+//! Strided views of op inputs and the shape checks every op shares.
+
+use candle_core::{Layout, Result, Tensor};
+
+/// A rank-`N` strided view: element `idx` lives at `offset + Σ idx[i]·strides[i]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View<const N: usize> {
+    pub dims: [usize; N],
+    pub strides: [usize; N],
+    pub offset: usize,
+}
+
+impl<const N: usize> View<N> {
+    /// The view of `layout`, or an `Err` naming `op` and `what` if its rank is not `N`.
+    pub fn new(op: &str, what: &str, layout: &Layout) -> Result<Self> {
+        let dims = layout.dims();
+        if dims.len() != N {
+            candle_core::bail!("{op}: {what} must have rank {N}, got shape {dims:?}");
+        }
+        let mut view = Self {
+            dims: [0; N],
+            strides: [0; N],
+            offset: layout.start_offset(),
+        };
+        view.dims.copy_from_slice(dims);
+        view.strides.copy_from_slice(layout.stride());
+        Ok(view)
+    }
+
+    #[inline(always)]
+    pub fn at(&self, idx: [usize; N]) -> usize {
+        let mut pos = self.offset;
+        for i in 0..N {
+            pos += idx[i] * self.strides[i];
+        }
+        pos
+    }
+
+    /// True when the last dimension is unit-stride (rows can be read as slices).
+    #[inline]
+    pub fn rows_contiguous(&self) -> bool {
+        N == 0 || self.strides[N - 1] == 1 || self.dims[N - 1] <= 1
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// `Err` unless `t` has rank `rank`; `expected` describes the shape, e.g. `"[B,T,H]"`.
+pub fn check_rank(op: &str, what: &str, t: &Tensor, rank: usize, expected: &str) -> Result<()> {
+    if t.rank() != rank {
+        candle_core::bail!(
+            "{op}: {what} must have rank {rank} {expected}, got shape {:?}",
+            t.dims()
+        );
+    }
+    Ok(())
+}
+
+/// `Err` unless both tensors live on the same device.
+pub fn check_same_device(op: &str, a: (&str, &Tensor), b: (&str, &Tensor)) -> Result<()> {
+    if !a.1.device().same_device(b.1.device()) {
+        candle_core::bail!(
+            "{op}: {} is on {:?} but {} is on {:?}",
+            a.0,
+            a.1.device().location(),
+            b.0,
+            b.1.device().location()
+        );
+    }
+    Ok(())
+}
+
+/// `Err` unless both tensors have the same dtype.
+pub fn check_same_dtype(op: &str, a: (&str, &Tensor), b: (&str, &Tensor)) -> Result<()> {
+    if a.1.dtype() != b.1.dtype() {
+        candle_core::bail!(
+            "{op}: {} is {:?} but {} is {:?}; both must have the same dtype",
+            a.0,
+            a.1.dtype(),
+            b.0,
+            b.1.dtype()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Helpers shared by the integration tests: random inputs, strided views of them,
+//! dtype-fitting tolerances, and the CUDA device (or a clean skip).
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Result, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+pub const FLOAT_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// Uniform values in [-scale, scale), never all zero.
+pub fn random_values(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// A random tensor of `dtype`, drawn in f64 and rounded once to `dtype`.
+pub fn random_tensor(rng: &mut StdRng, dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let n = dims.iter().product();
+    Tensor::from_vec(random_values(rng, n, 2.0), dims, device)?.to_dtype(dtype)
+}
+
+/// The tensor's values as f64, row-major (exactly what the op saw, after rounding).
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("tensor to f64 vec")
+}
+
+/// Ways to present the same values through a non-contiguous layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strided {
+    /// The tensor itself.
+    Contiguous,
+    /// A `narrow` of a larger tensor: non-zero start offset, contiguous rows.
+    Offset,
+    /// Rows padded with extra columns then narrowed: row stride > row length.
+    PaddedRows,
+    /// The transpose of a contiguous transpose: unit stride on the first dim.
+    Transposed,
+}
+
+pub const STRIDED_KINDS: [Strided; 4] =
+    [Strided::Contiguous, Strided::Offset, Strided::PaddedRows, Strided::Transposed];
+
+/// A view with the same values as `t` (rank >= 1) but the layout `kind`.
+pub fn strided_view(t: &Tensor, kind: Strided) -> Result<Tensor> {
+    let rank = t.rank();
+    let last = rank - 1;
+    match kind {
+        Strided::Contiguous => Ok(t.clone()),
+        Strided::Offset => {
+            let pad = t.narrow(0, 0, 1)?.ones_like()?;
+            Tensor::cat(&[&pad, t], 0)?.narrow(0, 1, t.dim(0)?)
+        }
+        Strided::PaddedRows => {
+            let mut pad_dims = t.dims().to_vec();
+            pad_dims[last] = 3;
+            let pad = Tensor::ones(pad_dims, t.dtype(), t.device())?;
+            Tensor::cat(&[t, &pad], last)?.narrow(last, 0, t.dim(last)?)
+        }
+        Strided::Transposed => {
+            if rank < 2 {
+                return strided_view(t, Strided::Offset);
+            }
+            t.transpose(rank - 2, last)?.contiguous()?.transpose(rank - 2, last)
+        }
+    }
+}
+
+/// (relative, absolute) tolerance for results computed in `dtype` against f64.
+pub fn tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F64 => (1e-10, 1e-12),
+        DType::F32 => (1e-5, 1e-6),
+        DType::F16 => (5e-3, 1e-3),
+        DType::BF16 => (2e-2, 1e-2),
+        other => panic!("no tolerance for {other:?}"),
+    }
+}
+
+/// Asserts |got - want| <= atol + rtol·|want| element-wise, and that nothing is NaN.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], dtype: DType) {
+    let (rtol, atol) = tolerance(dtype);
+    assert_close_tol(what, got, want, rtol, atol)
+}
+
+pub fn assert_close_tol(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}: element {i} is {g}, want {w}");
+        assert!(
+            (g - w).abs() <= atol + rtol * w.abs(),
+            "{what}: element {i} is {g}, want {w} (|diff| {:.3e} > {atol:.1e} + {rtol:.1e}·|want|)",
+            (g - w).abs()
+        );
+    }
+}
+
+/// The CUDA device, or `None` after printing why the GPU test is skipped.
+pub fn cuda_device(test: &str) -> Option<Device> {
+    #[cfg(feature = "cuda")]
+    match Device::new_cuda(0) {
+        Ok(device) => return Some(device),
+        Err(e) => eprintln!("{test}: skipped, no CUDA device could be opened ({e})"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("{test}: skipped, built without the `cuda` feature");
+    None
+}
+
+/// Fills and frees a large block of device memory with NaN, so that the next
+/// allocations (the op's outputs) start poisoned and an unwritten element shows.
+pub fn poison_device(device: &Device) -> Result<()> {
+    if device.is_cuda() {
+        let junk = Tensor::full(f32::NAN, 64 << 20, device)?;
+        device.synchronize()?;
+        drop(junk);
+    }
+    Ok(())
+}
