@@ -9,7 +9,11 @@ pub mod similarity;
 pub mod train;
 
 #[derive(Debug, Parser)]
-#[command(name = "sentence-mtl", version, about = "Sentence embeddings and multi-task learning on BERT, with fused CPU/CUDA ops")]
+#[command(
+    name = "sentence-mtl",
+    version,
+    about = "Sentence embeddings and multi-task learning on BERT, with fused CPU/CUDA ops"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -29,11 +29,9 @@ impl<const N: usize> View<N> {
 
     #[inline(always)]
     pub fn at(&self, idx: [usize; N]) -> usize {
-        let mut pos = self.offset;
-        for i in 0..N {
-            pos += idx[i] * self.strides[i];
-        }
-        pos
+        idx.iter()
+            .zip(&self.strides)
+            .fold(self.offset, |pos, (i, s)| pos + i * s)
     }
 
     /// True when the last dimension is unit-stride (rows can be read as slices).
