@@ -37,7 +37,10 @@ fn main() {
         return;
     }
     if let Some(stubs) = env::var_os("SENTENCE_MTL_CUDA_STUBS") {
-        println!("cargo:rustc-link-search=native={}", PathBuf::from(stubs).display());
+        println!(
+            "cargo:rustc-link-search=native={}",
+            PathBuf::from(stubs).display()
+        );
     }
     if let Err(message) = compile_kernels() {
         // A failed kernel build fails the crate's build, with nvcc's own message.

@@ -1,8 +1,13 @@
 //! CUDA plumbing shared by the ops: the embedded PTX, picking the PTX for the
 //! device's compute capability, and loading a kernel instance by dtype.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-use candle_core::cuda_backend::{CudaDevice, CudaFunc, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchArgs};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::Result;
 
 use super::dtype::FloatElem;
@@ -24,13 +29,31 @@ pub fn compute_capability(dev: &CudaDevice) -> Result<u32> {
     Ok((major * 10 + minor) as u32)
 }
 
+/// A loaded kernel and the device stream it launches on.
+pub struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// A launch on the device's stream (push the arguments, then `launch`).
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// Modules already loaded, per CUDA context and module name: loading PTX JIT-compiles
+/// it, which must happen once, not per launch.
+type ModuleCache = Mutex<HashMap<(usize, String), Arc<CudaModule>>>;
+static MODULES: OnceLock<ModuleCache> = OnceLock::new();
+
 /// Loads `kernel` from a kernel file's PTX: the newest target not above the device.
 pub fn load(
     dev: &CudaDevice,
     module: &'static str,
     ptx: &'static [(u32, &'static str)],
     kernel: &str,
-) -> Result<CudaFunc> {
+) -> Result<Kernel> {
     let cc = compute_capability(dev)?;
     let (arch, code) = ptx
         .iter()
@@ -43,7 +66,22 @@ pub fn load(
                 ptx.iter().map(|(a, _)| a).collect::<Vec<_>>()
             ))
         })?;
-    dev.get_or_load_custom_func(kernel, &format!("sentence_mtl_{module}_sm{arch}"), code)
+    let stream = dev.cuda_stream();
+    let ctx = stream.context().clone();
+    let key = (Arc::as_ptr(&ctx) as usize, format!("{module}_sm{arch}"));
+    let loaded = {
+        let mut modules = MODULES.get_or_init(Default::default).lock().unwrap();
+        match modules.get(&key) {
+            Some(m) => m.clone(),
+            None => {
+                let m = ctx.load_module(Ptx::from_src(*code)).w()?;
+                modules.insert(key, m.clone());
+                m
+            }
+        }
+    };
+    let func = loaded.load_function(kernel).w()?;
+    Ok(Kernel { func, stream })
 }
 
 /// `base_f32`, `base_f16`, ...: the name of a kernel's instance for dtype `T`.
