@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::Rng;
 use sentence_mtl::ops::masked_mean_pool;
+use sentence_mtl::ops::mean_pool::masked_mean_pool_backward;
 use sentence_mtl::ops::reference::mean_pool as reference;
 
 /// Mask dtypes the op takes: what tokenizers and users hand in.
@@ -386,6 +387,43 @@ fn backward_reaches_an_upstream_var() -> Result<()> {
     Ok(())
 }
 
+/// The public backward equals the reference on strided inputs, and its own
+/// gradient is the forward pooling (the two maps are adjoint).
+#[test]
+fn backward_fn_matches_reference_and_differentiates_to_the_forward() -> Result<()> {
+    let (b, t, h) = (3, 11, 50);
+    let mut rng = rng(13);
+    let grad = random_tensor(&mut rng, &[b, h], DType::F32, &Device::Cpu)?;
+    let mask_values = random_mask(&mut rng, b, t, 0.6, Some(0));
+    let mask = mask_tensor(&mask_values, b, t, DType::I64)?;
+    let want = reference::masked_mean_pool_backward(&values(&grad), &mask_values, b, t, h);
+    for layout in common::STRIDED_KINDS {
+        let got = masked_mean_pool_backward(&strided_view(&grad, layout)?, &mask)?;
+        assert_close(
+            &format!("backward fn, {layout:?}"),
+            &values(&got),
+            &want,
+            DType::F32,
+        );
+    }
+
+    let grad = Var::from_tensor(&grad)?;
+    let probe = random_tensor(&mut rng, &[b, t, h], DType::F32, &Device::Cpu)?;
+    let grads = masked_mean_pool_backward(grad.as_tensor(), &mask)?
+        .mul(&probe)?
+        .sum_all()?
+        .backward()?;
+    let got = values(
+        grads
+            .get(grad.as_tensor())
+            .expect("gradient of grad_pooled"),
+    );
+    let want = reference::masked_mean_pool(&values(&probe), &mask_values, b, t, h);
+    let (rtol, atol) = pool_tolerance(DType::F32, t);
+    assert_close_tol("gradient of the backward", &got, &want, rtol, atol);
+    Ok(())
+}
+
 /// The message of the `Err` the op returns for these inputs.
 fn error_of(hidden: &Tensor, mask: &Tensor) -> String {
     match masked_mean_pool(hidden, mask) {
@@ -451,6 +489,54 @@ fn bad_inputs_are_errors_naming_the_problem() -> Result<()> {
         assert!(
             message.contains("masked_mean_pool"),
             "op not named in {message:?}"
+        );
+    }
+
+    // A float format the mask cannot take (candle has no comparison for it).
+    let packed = Tensor::from_raw_buffer(&[1u8; 6], DType::F8E8M0, &[2, 3], cpu)?;
+    let message = error_of(&hidden, &packed);
+    assert!(
+        message.contains("unsupported dtype F8E8M0 for mask"),
+        "{message:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_to_the_backward_fn_are_errors() -> Result<()> {
+    let cpu = &Device::Cpu;
+    let grad = Tensor::ones((2, 4), DType::F32, cpu)?;
+    let mask = Tensor::ones((2, 3), DType::U8, cpu)?;
+    let cases = [
+        (
+            Tensor::ones((2, 1, 4), DType::F32, cpu)?,
+            mask.clone(),
+            "grad_pooled must have rank 2",
+        ),
+        (
+            grad.clone(),
+            Tensor::ones(2, DType::U8, cpu)?,
+            "mask must have rank 2",
+        ),
+        (
+            grad.clone(),
+            Tensor::ones((3, 3), DType::U8, cpu)?,
+            "does not match grad_pooled's batch",
+        ),
+        (
+            grad.to_dtype(DType::I64)?,
+            mask.clone(),
+            "unsupported dtype I64 for grad_pooled",
+        ),
+    ];
+    for (grad, mask, expected) in cases {
+        let message = match masked_mean_pool_backward(&grad, &mask) {
+            Ok(out) => panic!("expected an error, got a tensor of shape {:?}", out.dims()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            message.contains(expected),
+            "expected {expected:?} in {message:?}"
         );
     }
     Ok(())

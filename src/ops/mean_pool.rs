@@ -71,13 +71,45 @@ pub fn masked_mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
         );
     }
     check_same_device(OP, ("hidden", hidden), ("mask", mask))?;
-    check_float_dtype(hidden.dtype())?;
+    check_float_dtype("hidden", hidden.dtype())?;
     hidden.apply_op2(&token_flags(mask)?, MeanPool)
 }
 
-/// `Ok` for the dtypes the ops take for `hidden`, else the shared dtype error.
-fn check_float_dtype(dtype: DType) -> Result<()> {
-    with_float_dtype!(OP, "hidden", dtype, _T => Ok(()))
+/// The backward pass of [`masked_mean_pool`] on its own: the gradient of `hidden`
+/// (`[B,T,H]`) given the gradient `grad_pooled` (`[B,H]`) of the pooled output,
+/// `dhidden[b,t,:] = [mask[b,t] ≠ 0]·grad_pooled[b,:] / count_b` (zeros for padding
+/// tokens and rows with no real token). `Tensor::backward` runs this for you;
+/// call it directly for hand-written gradients or to time the kernel. Same
+/// dtypes, mask rules and errors as [`masked_mean_pool`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use sentence_mtl::ops::mean_pool::masked_mean_pool_backward;
+///
+/// let grad_pooled = Tensor::new(&[[2f32, 4.]], &Device::Cpu)?;
+/// let mask = Tensor::new(&[[1u8, 0, 1]], &Device::Cpu)?;
+/// let grad_hidden = masked_mean_pool_backward(&grad_pooled, &mask)?;
+/// assert_eq!(grad_hidden.to_vec3::<f32>()?, [[[1., 2.], [0., 0.], [1., 2.]]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn masked_mean_pool_backward(grad_pooled: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    check_rank(OP, "grad_pooled", grad_pooled, 2, "[B,H]")?;
+    check_rank(OP, "mask", mask, 2, "[B,T]")?;
+    if mask.dim(0)? != grad_pooled.dim(0)? {
+        candle_core::bail!(
+            "{OP}: mask shape {:?} does not match grad_pooled's batch size (shape {:?})",
+            mask.dims(),
+            grad_pooled.dims()
+        );
+    }
+    check_same_device(OP, ("grad_pooled", grad_pooled), ("mask", mask))?;
+    check_float_dtype("grad_pooled", grad_pooled.dtype())?;
+    grad_pooled.apply_op2(&token_flags(mask)?, MeanPoolBackward)
+}
+
+/// `Ok` for the float dtypes the ops take, else the shared dtype error naming `what`.
+fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
+    with_float_dtype!(OP, what, dtype, _T => Ok(()))
 }
 
 /// The mask as u8 flags, 1 where a token counts. A u8 mask already is one (the
@@ -366,7 +398,8 @@ mod gpu {
         let width = VEC_BYTES / std::mem::size_of::<T>();
         let (outer, h_stride) = strides.split_at(strides.len() - 1);
         let unit_h = h_stride[0] == 1 || h == 1;
-        if unit_h && h % width == 0 && offset % width == 0 && outer.iter().all(|s| s % width == 0) {
+        let aligned = |n: &usize| n.is_multiple_of(width);
+        if unit_h && aligned(&h) && aligned(&offset) && outer.iter().all(aligned) {
             width
         } else {
             1
@@ -460,5 +493,47 @@ mod gpu {
             unsafe { builder.launch(launch_config(b, h as usize, width)?) }.w()?;
         }
         Ok(T::wrap_cuda_slice(grad_hidden, dev.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The private ops see only what the public fns hand them, but still refuse
+    /// a mask that is not u8 flags rather than misread it.
+    #[test]
+    fn ops_reject_masks_that_are_not_u8_flags() -> Result<()> {
+        let hidden = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu)?;
+        let mask = Tensor::ones((2, 3), DType::F32, &Device::Cpu)?;
+        let grad = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+        for result in [
+            hidden.apply_op2(&mask, MeanPool),
+            grad.apply_op2(&mask, MeanPoolBackward),
+        ] {
+            let message = result.expect_err("f32 flags accepted").to_string();
+            assert!(
+                message.contains("unsupported dtype F32 for mask"),
+                "{message}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The ops check the layouts they get too: a mask of the wrong shape is an Err.
+    #[test]
+    fn ops_check_shapes_from_the_layouts() -> Result<()> {
+        let hidden = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu)?;
+        let mask = Tensor::ones((2, 5), DType::U8, &Device::Cpu)?;
+        let message = hidden
+            .apply_op2(&mask, MeanPool)
+            .expect_err("bad shape")
+            .to_string();
+        assert!(
+            message.contains("does not match hidden's [B,T]"),
+            "{message}"
+        );
+        Ok(())
     }
 }
