@@ -633,9 +633,9 @@ fn forward_rows<T: FloatElem, L: Label>(
         count: [0; 2],
     };
     for i in rows {
-        for head in 0..2 {
+        for (head, logits) in logits.iter().enumerate() {
             if let Some(label) = labels.class(i, head, dims.classes[head])? {
-                part.loss[head] += logits[head].with_row(i, RowLoss { label });
+                part.loss[head] += logits.with_row(i, RowLoss { label });
                 part.count[head] += 1;
             }
         }
@@ -739,7 +739,7 @@ mod gpu {
         CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-    use candle_core::{Layout, Result, Storage, Tensor};
+    use candle_core::{Result, Storage, Tensor};
 
     use super::{label_out_of_range, Dims, Label, OP};
     use crate::ops::cuda::{kernel_name, load, ptx};
@@ -905,8 +905,9 @@ mod gpu {
     {
         let dev: &CudaDevice = &logits[0].0.device;
         let len = super::grad_len(dims);
-        // SAFETY: the kernel writes every element, zeros for ignored rows.
-        let grads = unsafe { dev.alloc::<T>(len)? };
+        // SAFETY: the kernel writes every element, zeros for ignored rows. (At least
+        // one element: a zero-byte device allocation is an error.)
+        let grads = unsafe { dev.alloc::<T>(len.max(1))? };
         if dims.n > 0 {
             let inputs = Inputs::<T, L>::new(dims, logits, labels)?;
             let (g_storage, g_layout) = grad_losses.storage_and_layout();
@@ -938,15 +939,11 @@ mod gpu {
     /// baseline the CUDA benches compare the op with.
     pub fn launch_empty_kernel(dev: &CudaDevice) -> Result<()> {
         let empty = load(dev, MODULE, ptx::CROSS_ENTROPY, "dual_ce_empty")?;
-        let builder = empty.builder();
-        let mut builder = builder;
+        let mut builder = empty.builder();
         // SAFETY: the kernel takes no arguments.
         unsafe { builder.launch(config(1)) }.w()?;
         Ok(())
     }
-
-    #[allow(unused)]
-    fn _layout_unused(_: &Layout) {}
 }
 
 /// Launches an empty kernel once on `device` (CUDA only): the launch-overhead
