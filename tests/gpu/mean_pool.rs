@@ -3,10 +3,10 @@
 //! an element the kernels fail to write shows. Without a GPU (or without the
 //! `cuda` feature) each test prints why it is skipped and returns.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use common::{assert_close_tol, random_tensor, rng, strided_view, values, Strided};
+use crate::common::{assert_close_tol, random_tensor, rng, strided_view, values, Strided};
 use rand::rngs::StdRng;
 use rand::Rng;
 use sentence_mtl::ops::masked_mean_pool;

@@ -1,0 +1,1 @@
+// GPU tests of the cosine ops: being merged.
