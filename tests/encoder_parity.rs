@@ -36,8 +36,7 @@ fn f32_embeddings_match_sentence_transformers() {
     assert!(diff <= 1e-5, "normalized: max abs diff {diff:e}");
     assert!(cos >= 0.99999, "normalized: min cosine {cos}");
 
-    let similarity =
-        sentence_mtl::ops::cosine_similarity_matrix(&embeddings, &embeddings).unwrap();
+    let similarity = sentence_mtl::ops::cosine_similarity_matrix(&embeddings, &embeddings).unwrap();
     let diff = max_abs_diff(&rows(&similarity), &reference.cosine_similarity);
     assert!(diff <= 1e-5, "similarity matrix: max abs diff {diff:e}");
 
@@ -100,8 +99,17 @@ fn a_sentence_embeds_the_same_alone_or_in_any_batch() {
             .map(|r| r.iter().map(|&v| v as f32).collect())
             .collect();
         let diff = max_abs_diff(&together[i..i + 1], &alone_f32);
-        assert!(diff <= 1e-6, "sentence {i}: batch vs alone differ by {diff:e}");
-        let diff = max_abs_diff(&small_batches[texts.len() - 1 - i..texts.len() - i], &alone_f32);
-        assert!(diff <= 1e-6, "sentence {i}: reordered batches vs alone differ by {diff:e}");
+        assert!(
+            diff <= 1e-6,
+            "sentence {i}: batch vs alone differ by {diff:e}"
+        );
+        let diff = max_abs_diff(
+            &small_batches[texts.len() - 1 - i..texts.len() - i],
+            &alone_f32,
+        );
+        assert!(
+            diff <= 1e-6,
+            "sentence {i}: reordered batches vs alone differ by {diff:e}"
+        );
     }
 }

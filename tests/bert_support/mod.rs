@@ -93,3 +93,20 @@ pub fn min_cosine(a: &[Vec<f64>], b: &[Vec<f32>]) -> f64 {
         })
         .fold(f64::INFINITY, f64::min)
 }
+
+/// Max abs difference of two `[B, T, H]` hidden states over real tokens
+/// (`mask` `[B, T]` non-zero); padding positions' states are never used.
+pub fn max_diff_on_tokens(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let real = mask
+        .ne(0u32)
+        .and_then(|m| m.to_dtype(a.dtype()))
+        .and_then(|m| m.unsqueeze(2))
+        .expect("a [B, T] mask");
+    (a - b)
+        .and_then(|d| d.broadcast_mul(&real))
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_dtype(candle_core::DType::F32))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of one shape")
+}
