@@ -1,6 +1,17 @@
-//! Checkpoint folders, written atomically.
+//! Checkpoint folders, written atomically, and what a run's checkpoint holds.
 //!
-//! A checkpoint is a folder (weights, optimiser state, JSON). It is written in
+//! A run's checkpoint is a model folder that [`load`] (and `eval`, `predict`)
+//! can use on its own:
+//!
+//! | file | content |
+//! | --- | --- |
+//! | `model.safetensors` | backbone and both heads |
+//! | `config.json`, `tokenizer.json` | copied from the base model |
+//! | `multitask.json` | [`RunInfo`]: tasks, label names, max length, the training config |
+//! | `trainer_state.json` | the step reached, loss history, per-epoch metrics |
+//! | `optimizer.safetensors` | AdamW's moments and step counts (when anything trains) |
+//!
+//! It is written in
 //! full to a hidden sibling folder, every file synced, and then swapped in with
 //! two renames: `dir` -> `.dir.prev`, temp -> `dir`. A run killed at any point
 //! leaves either the old checkpoint or the new one whole: between the two renames
@@ -11,9 +22,98 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use super::config::TrainConfig;
+use crate::model::multitask::MultiTaskModel;
+use crate::model::tokenize::load_tokenizer;
+use crate::model::ModelFiles;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const RUN_FILE: &str = "multitask.json";
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const BERT_CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The checkpoint's folder name inside a run's output folder.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// What a multi-task checkpoint is: its tasks and how it was trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// Head A's and head B's task names (the data's folder names).
+    pub tasks: [String; 2],
+    /// Each head's label names, indexed by class.
+    pub label_names: [Vec<String>; 2],
+    pub max_len: usize,
+    /// The weights' dtype (`f32`, `bf16`, ...).
+    pub dtype: String,
+    /// The base model's folder the run started from.
+    pub base_model: PathBuf,
+    pub config: TrainConfig,
+}
+
+impl RunInfo {
+    pub fn dtype(&self) -> anyhow::Result<DType> {
+        self.dtype
+            .parse()
+            .map_err(|e| anyhow::anyhow!("unknown dtype {:?}: {e:?}", self.dtype))
+    }
+
+    pub fn num_classes(&self) -> [usize; 2] {
+        [self.label_names[0].len(), self.label_names[1].len()]
+    }
+}
+
+/// The model files of a checkpoint folder.
+pub fn model_files(dir: &Path) -> ModelFiles {
+    ModelFiles {
+        dir: dir.to_path_buf(),
+        config: dir.join(BERT_CONFIG_FILE),
+        weights: dir.join(MODEL_FILE),
+        tokenizer: dir.join(TOKENIZER_FILE),
+    }
+}
+
+/// A checkpoint loaded for inference.
+pub struct LoadedCheckpoint {
+    pub dir: PathBuf,
+    pub model: MultiTaskModel,
+    pub tokenizer: Tokenizer,
+    pub info: RunInfo,
+}
+
+/// The checkpoint folder at `path`: the folder itself if it holds a checkpoint,
+/// else the checkpoint of the run whose output folder it is.
+pub fn locate(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.join(RUN_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    find(&path.join(CHECKPOINT_DIR)).with_context(|| {
+        format!(
+            "{}: no multi-task checkpoint here (neither {RUN_FILE} nor a {CHECKPOINT_DIR}/ folder)",
+            path.display()
+        )
+    })
+}
+
+/// Loads the model, tokenizer and run information of a checkpoint (see [`locate`]).
+pub fn load(path: &Path, device: &Device) -> anyhow::Result<LoadedCheckpoint> {
+    let dir = locate(path)?;
+    let info: RunInfo = read_json(&dir.join(RUN_FILE))?;
+    let files = model_files(&dir);
+    let model = MultiTaskModel::load(&files, info.num_classes(), info.dtype()?, device)?;
+    let tokenizer = load_tokenizer(&files, info.max_len)?;
+    Ok(LoadedCheckpoint {
+        dir,
+        model,
+        tokenizer,
+        info,
+    })
+}
 
 /// The checkpoint folder to read: `dir` if it exists, else the previous
 /// checkpoint left by a swap that was interrupted, else `None`.

@@ -314,10 +314,13 @@ fn sum_of_squares(g: &Tensor) -> Result<f64> {
         if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
             (&*storage, layout.contiguous_offsets())
         {
-            return Ok(data[start..end]
+            // Per-chunk sums collected in order, then added in order: the same
+            // result on every run (a parallel reduce's tree may vary).
+            let partial: Vec<f64> = data[start..end]
                 .par_chunks(CHUNK)
-                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .sum());
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum())
+                .collect();
+            return Ok(partial.iter().sum());
         }
     }
     g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
