@@ -1,6 +1,539 @@
-//! Masked mean pooling (being written).
-use candle_core::{Result, Tensor};
+//! Masked mean pooling: each sequence's mean token vector, counting only the
+//! tokens its attention mask marks as real, fused into one pass forward and one
+//! pass backward on the CPU and on CUDA (`kernels/mean_pool.cu`).
+//!
+//! [`masked_mean_pool`] validates its inputs, turns the mask into u8 token flags
+//! (`mask != 0`, a cheap B·T op) and applies the private `MeanPool` op; its
+//! backward applies `MeanPoolBackward`, whose backward is `MeanPool` again (the
+//! two are adjoint linear maps), so gradients of any order stay fused.
 
-pub fn masked_mean_pool(_hidden: &Tensor, _mask: &Tensor) -> Result<Tensor> {
-    candle_core::bail!("masked_mean_pool: not implemented yet")
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use num_traits::Zero;
+use rayon::prelude::*;
+
+use super::dtype::{Accum, FloatElem};
+use super::layout::{check_rank, check_same_device, View};
+use crate::with_float_dtype;
+
+const OP: &str = "masked_mean_pool";
+
+/// The token count is clamped at this value, as sentence-transformers does
+/// (`torch.clamp(mask.sum(1), min=1e-9)`): a row with no real token pools to
+/// `0 / 1e-9 = 0`, never NaN.
+pub const MIN_COUNT: f64 = 1e-9;
+
+/// Below this many hidden elements (B·T·H) the CPU path runs on one thread:
+/// spreading smaller work over rayon costs more than it saves.
+const PARALLEL_MIN_ELEMS: usize = 1 << 16;
+
+/// Mean of the token vectors of `hidden` (`[B,T,H]`) whose `mask` (`[B,T]`) value
+/// is non-zero; returns `[B,H]` in the dtype of `hidden`.
+///
+/// `out[b,h] = Σ_t [mask[b,t] ≠ 0]·hidden[b,t,h] / max(count_b, 1e-9)` where
+/// `count_b` is the number of tokens with a non-zero mask value. For 0/1 masks
+/// this is exactly sentence-transformers' mean pooling; other non-zero values
+/// count as 1 (they are not weights). A row with no real token gives a zero
+/// vector. Padding tokens are never read, so a NaN or inf there does not leak
+/// into the result (unlike `hidden * mask`).
+///
+/// - `hidden`: f32, f16, bf16 or f64, any strides. Sums accumulate in f32 (f64
+///   for f64).
+/// - `mask`: u8, u32, i16, i32, i64, f8e4m3, f16, bf16, f32 or f64 (what tokenizers and
+///   users hand in), on the same device as `hidden`, any strides.
+/// - Backward: `dhidden[b,t,:] = [mask[b,t] ≠ 0]·dout[b,:] / count_b`, zero for
+///   padding tokens and for rows with no real token; the mask gets no gradient.
+///
+/// Errors (never a panic): `hidden` not of rank 3, `mask` not of rank 2, mask
+/// `[B,T]` not matching hidden's, tensors on different devices, an integer
+/// `hidden`, or a mask dtype not listed above. Each message names the problem.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use sentence_mtl::ops::masked_mean_pool;
+///
+/// // One sequence of three tokens, the last one padding.
+/// let hidden = Tensor::new(&[[[1f32, 2.], [3., 4.], [100., 100.]]], &Device::Cpu)?;
+/// let mask = Tensor::new(&[[1i64, 1, 0]], &Device::Cpu)?;
+/// let pooled = masked_mean_pool(&hidden, &mask)?;
+/// assert_eq!(pooled.to_vec2::<f32>()?, [[2., 3.]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn masked_mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    check_rank(OP, "hidden", hidden, 3, "[B,T,H]")?;
+    check_rank(OP, "mask", mask, 2, "[B,T]")?;
+    let (b, t, _) = hidden.dims3()?;
+    if mask.dims() != [b, t] {
+        candle_core::bail!(
+            "{OP}: mask shape {:?} does not match hidden's [B,T] = [{b}, {t}] (hidden shape {:?})",
+            mask.dims(),
+            hidden.dims()
+        );
+    }
+    check_same_device(OP, ("hidden", hidden), ("mask", mask))?;
+    check_float_dtype("hidden", hidden.dtype())?;
+    hidden.apply_op2(&token_flags(mask)?, MeanPool)
+}
+
+/// The backward pass of [`masked_mean_pool`] on its own: the gradient of `hidden`
+/// (`[B,T,H]`) given the gradient `grad_pooled` (`[B,H]`) of the pooled output,
+/// `dhidden[b,t,:] = [mask[b,t] ≠ 0]·grad_pooled[b,:] / count_b` (zeros for padding
+/// tokens and rows with no real token). `Tensor::backward` runs this for you;
+/// call it directly for hand-written gradients or to time the kernel. Same
+/// dtypes, mask rules and errors as [`masked_mean_pool`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use sentence_mtl::ops::mean_pool::masked_mean_pool_backward;
+///
+/// let grad_pooled = Tensor::new(&[[2f32, 4.]], &Device::Cpu)?;
+/// let mask = Tensor::new(&[[1u8, 0, 1]], &Device::Cpu)?;
+/// let grad_hidden = masked_mean_pool_backward(&grad_pooled, &mask)?;
+/// assert_eq!(grad_hidden.to_vec3::<f32>()?, [[[1., 2.], [0., 0.], [1., 2.]]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn masked_mean_pool_backward(grad_pooled: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    check_rank(OP, "grad_pooled", grad_pooled, 2, "[B,H]")?;
+    check_rank(OP, "mask", mask, 2, "[B,T]")?;
+    if mask.dim(0)? != grad_pooled.dim(0)? {
+        candle_core::bail!(
+            "{OP}: mask shape {:?} does not match grad_pooled's batch size (shape {:?})",
+            mask.dims(),
+            grad_pooled.dims()
+        );
+    }
+    check_same_device(OP, ("grad_pooled", grad_pooled), ("mask", mask))?;
+    check_float_dtype("grad_pooled", grad_pooled.dtype())?;
+    grad_pooled.apply_op2(&token_flags(mask)?, MeanPoolBackward)
+}
+
+/// `Ok` for the float dtypes the ops take, else the shared dtype error naming `what`.
+fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
+    with_float_dtype!(OP, what, dtype, _T => Ok(()))
+}
+
+/// The mask as u8 flags, 1 where a token counts. A u8 mask already is one (the
+/// kernels test `!= 0`), so it is passed through without a copy.
+fn token_flags(mask: &Tensor) -> Result<Tensor> {
+    match mask.dtype() {
+        DType::U8 => Ok(mask.clone()),
+        DType::U32
+        | DType::I16
+        | DType::I32
+        | DType::I64
+        | DType::F16
+        | DType::BF16
+        | DType::F32
+        | DType::F64
+        | DType::F8E4M3 => mask.ne(0f64),
+        other => candle_core::bail!(
+            "{OP}: unsupported dtype {other:?} for mask \
+             (expected u8, u32, i16, i32, i64, f8e4m3, f16, bf16, f32 or f64)"
+        ),
+    }
+}
+
+/// Forward: (`hidden` `[B,T,H]`, u8 token flags `[B,T]`) -> pooled `[B,H]`.
+struct MeanPool;
+
+/// Backward: (gradient of the pooled output `[B,H]`, u8 token flags `[B,T]`)
+/// -> gradient of `hidden` `[B,T,H]`.
+struct MeanPoolBackward;
+
+/// The strided views of the forward op's inputs, checked: ranks and matching [B,T].
+fn forward_views(hidden: &Layout, flags: &Layout) -> Result<(View<3>, View<2>)> {
+    let hv = View::<3>::new(OP, "hidden", hidden)?;
+    let fv = View::<2>::new(OP, "mask", flags)?;
+    if fv.dims != [hv.dims[0], hv.dims[1]] {
+        candle_core::bail!(
+            "{OP}: mask shape {:?} does not match hidden's [B,T] (hidden shape {:?})",
+            fv.dims,
+            hv.dims
+        );
+    }
+    Ok((hv, fv))
+}
+
+/// The strided views of the backward op's inputs, checked: ranks and matching B.
+fn backward_views(grad: &Layout, flags: &Layout) -> Result<(View<2>, View<2>)> {
+    let gv = View::<2>::new(OP, "gradient of the pooled output", grad)?;
+    let fv = View::<2>::new(OP, "mask", flags)?;
+    if fv.dims[0] != gv.dims[0] {
+        candle_core::bail!(
+            "{OP}: mask shape {:?} does not match the pooled gradient's batch size (shape {:?})",
+            fv.dims,
+            gv.dims
+        );
+    }
+    Ok((gv, fv))
+}
+
+/// The private ops take the mask only as u8 flags; anything else is a bug upstream.
+fn check_flags_dtype(dtype: DType) -> Result<()> {
+    if dtype != DType::U8 {
+        candle_core::bail!(
+            "{OP}: unsupported dtype {dtype:?} for mask in the fused op (expected u8 token flags; \
+             call masked_mean_pool, which converts the mask)"
+        );
+    }
+    Ok(())
+}
+
+fn cpu_flags(storage: &CpuStorage) -> Result<&[u8]> {
+    check_flags_dtype(storage.dtype())?;
+    storage.as_slice::<u8>()
+}
+
+impl CustomOp2 for MeanPool {
+    fn name(&self) -> &'static str {
+        "masked-mean-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hidden: &CpuStorage,
+        hidden_layout: &Layout,
+        flags: &CpuStorage,
+        flags_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (hv, fv) = forward_views(hidden_layout, flags_layout)?;
+        let flags = cpu_flags(flags)?;
+        let shape = Shape::from((hv.dims[0], hv.dims[2]));
+        with_float_dtype!(OP, "hidden", hidden.dtype(), T => {
+            let pooled = forward_cpu::<T>(hidden.as_slice::<T>()?, hv, flags, fv);
+            Ok((T::to_cpu_storage_owned(pooled), shape))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        hidden: &candle_core::CudaStorage,
+        hidden_layout: &Layout,
+        flags: &candle_core::CudaStorage,
+        flags_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (hv, fv) = forward_views(hidden_layout, flags_layout)?;
+        check_flags_dtype(flags.dtype())?;
+        let shape = Shape::from((hv.dims[0], hv.dims[2]));
+        with_float_dtype!(OP, "hidden", hidden.dtype(), T => {
+            Ok((gpu::forward::<T>(hidden, hv, flags, fv)?, shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _hidden: &Tensor,
+        flags: &Tensor,
+        _pooled: &Tensor,
+        grad_pooled: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_hidden = grad_pooled.apply_op2(flags, MeanPoolBackward)?;
+        Ok((Some(grad_hidden), None))
+    }
+}
+
+impl CustomOp2 for MeanPoolBackward {
+    fn name(&self) -> &'static str {
+        "masked-mean-pool-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+        flags: &CpuStorage,
+        flags_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gv, fv) = backward_views(grad_layout, flags_layout)?;
+        let flags = cpu_flags(flags)?;
+        let shape = Shape::from((gv.dims[0], fv.dims[1], gv.dims[1]));
+        with_float_dtype!(OP, "gradient", grad.dtype(), T => {
+            let grad_hidden = backward_cpu::<T>(grad.as_slice::<T>()?, gv, flags, fv);
+            Ok((T::to_cpu_storage_owned(grad_hidden), shape))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        grad: &candle_core::CudaStorage,
+        grad_layout: &Layout,
+        flags: &candle_core::CudaStorage,
+        flags_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (gv, fv) = backward_views(grad_layout, flags_layout)?;
+        check_flags_dtype(flags.dtype())?;
+        let shape = Shape::from((gv.dims[0], fv.dims[1], gv.dims[1]));
+        with_float_dtype!(OP, "gradient", grad.dtype(), T => {
+            Ok((gpu::backward::<T>(grad, gv, flags, fv)?, shape))
+        })
+    }
+
+    /// The backward map `dout -> dhidden` is the transpose of the forward map, so
+    /// its own backward is the forward pooling.
+    fn bwd(
+        &self,
+        _grad_pooled: &Tensor,
+        flags: &Tensor,
+        _grad_hidden: &Tensor,
+        grad_grad_hidden: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_grad_pooled = grad_grad_hidden.apply_op2(flags, MeanPool)?;
+        Ok((Some(grad_grad_pooled), None))
+    }
+}
+
+/// Runs `body(row index, row)` over the `row_len`-sized rows of `out`, on rayon
+/// when `work` (elements touched) is large enough to pay for it.
+fn for_each_row<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    work: usize,
+    body: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if row_len == 0 {
+        return;
+    }
+    if work >= PARALLEL_MIN_ELEMS {
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(i, row)| body(i, row));
+    } else {
+        out.chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(i, row)| body(i, row));
+    }
+}
+
+/// `count` clamped as sentence-transformers does, in the accumulator type.
+fn clamped_count<A: Accum>(count: usize) -> A {
+    A::of((count as f64).max(MIN_COUNT))
+}
+
+/// CPU forward: one pass over the real tokens of each row, summing into an
+/// H-long accumulator (the inner loop runs over contiguous H and vectorises).
+fn forward_cpu<T: FloatElem>(hidden: &[T], hv: View<3>, flags: &[u8], fv: View<2>) -> Vec<T> {
+    let [b, t, h] = hv.dims;
+    let mut pooled = vec![T::zero(); b * h];
+    let h_stride = hv.strides[2];
+    for_each_row(&mut pooled, h, b * t * h, |bi, out| {
+        let mut sum = vec![T::Acc::zero(); h];
+        let mut count = 0;
+        for ti in (0..t).filter(|&ti| flags[fv.at([bi, ti])] != 0) {
+            count += 1;
+            let start = hv.at([bi, ti, 0]);
+            if hv.rows_contiguous() {
+                for (s, &x) in sum.iter_mut().zip(&hidden[start..start + h]) {
+                    *s += x.to_acc();
+                }
+            } else {
+                for (hi, s) in sum.iter_mut().enumerate() {
+                    *s += hidden[start + hi * h_stride].to_acc();
+                }
+            }
+        }
+        let count = clamped_count::<T::Acc>(count);
+        for (o, &s) in out.iter_mut().zip(&sum) {
+            *o = T::from_acc(s / count);
+        }
+    });
+    pooled
+}
+
+/// CPU backward: each row's gradient share `dout[b,:] / count_b` is computed once
+/// and copied to that row's real tokens; padding tokens keep the zeros.
+fn backward_cpu<T: FloatElem>(grad: &[T], gv: View<2>, flags: &[u8], fv: View<2>) -> Vec<T> {
+    let [b, h] = gv.dims;
+    let t = fv.dims[1];
+    let mut grad_hidden = vec![T::zero(); b * t * h];
+    for_each_row(&mut grad_hidden, t * h, b * t * h, |bi, rows| {
+        let is_token = |ti: usize| flags[fv.at([bi, ti])] != 0;
+        let count = (0..t).filter(|&ti| is_token(ti)).count();
+        if count == 0 {
+            return;
+        }
+        let count = clamped_count::<T::Acc>(count);
+        let share: Vec<T> = (0..h)
+            .map(|hi| T::from_acc(grad[gv.at([bi, hi])].to_acc() / count))
+            .collect();
+        for (ti, row) in rows.chunks_exact_mut(h).enumerate() {
+            if is_token(ti) {
+                row.copy_from_slice(&share);
+            }
+        }
+    });
+    grad_hidden
+}
+
+/// Launches of `kernels/mean_pool.cu`.
+///
+/// Strides and offsets go to the kernels as arguments, so strided inputs are
+/// never copied. The kernels come in two forms per dtype: `_vec` moves 16 bytes
+/// per thread per token (float4, 8 halves, 2 doubles) and needs unit stride on H
+/// and H, the other strides and the offset all multiples of that width; the plain
+/// form takes any strides, one element per thread.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+    use candle_core::Result;
+
+    use super::{View, OP};
+    use crate::ops::cuda::{kernel_name, load, ptx};
+    use crate::ops::dtype::FloatElem;
+
+    /// Threads per block (8 warps); must match `BLOCK` in the kernel file.
+    const BLOCK: u32 = 256;
+    /// Columns one warp covers per element of a thread's vector.
+    const WARP: usize = 32;
+    /// Bytes one thread moves per token on the vector path.
+    const VEC_BYTES: usize = 16;
+
+    /// Elements per thread on the vector path for `T`, or 1 when the strides,
+    /// offset or H rule vector loads out. Device allocations are 256-byte
+    /// aligned, so an element offset that is a multiple of the width is aligned.
+    fn vector_width<T>(h: usize, strides: &[usize], offset: usize) -> usize {
+        let width = VEC_BYTES / std::mem::size_of::<T>();
+        let (outer, h_stride) = strides.split_at(strides.len() - 1);
+        let unit_h = h_stride[0] == 1 || h == 1;
+        let aligned = |n: &usize| n.is_multiple_of(width);
+        if unit_h && aligned(&h) && aligned(&offset) && outer.iter().all(aligned) {
+            width
+        } else {
+            1
+        }
+    }
+
+    /// One block per (row b, chunk of `32·width` columns); B on grid x (no 65535 cap).
+    fn launch_config(b: usize, h: usize, width: usize) -> Result<LaunchConfig> {
+        let chunks = h.div_ceil(WARP * width);
+        if b > i32::MAX as usize || chunks > 65535 {
+            candle_core::bail!("{OP}: shape too large for the CUDA kernel (B = {b}, H = {h})");
+        }
+        Ok(LaunchConfig {
+            grid_dim: (b as u32, chunks as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    fn as_int(n: usize, what: &str) -> Result<i32> {
+        i32::try_from(n).map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "{OP}: {what} = {n} is too large for the CUDA kernel"
+            ))
+        })
+    }
+
+    pub fn forward<T: FloatElem + CudaDType + DeviceRepr>(
+        hidden: &CudaStorage,
+        hv: View<3>,
+        flags: &CudaStorage,
+        fv: View<2>,
+    ) -> Result<CudaStorage> {
+        let dev = hidden.device();
+        let [b, t, h] = hv.dims;
+        // SAFETY: every element is written by the kernel below (or there are none).
+        let pooled = unsafe { dev.alloc::<T>(b * h)? };
+        if b * h > 0 {
+            let width = vector_width::<T>(h, &hv.strides, hv.offset);
+            let base = if width > 1 {
+                "mean_pool_fwd_vec"
+            } else {
+                "mean_pool_fwd"
+            };
+            let func = load(dev, "mean_pool", ptx::MEAN_POOL, &kernel_name::<T>(base))?;
+            let x = T::as_cuda_slice(hidden)?.slice(hv.offset..);
+            let m = u8::as_cuda_slice(flags)?.slice(fv.offset..);
+            let [xsb, xst, xsh] = hv.strides.map(|s| s as i64);
+            let [msb, mst] = fv.strides.map(|s| s as i64);
+            let (t, h) = (as_int(t, "T")?, as_int(h, "H")?);
+            let mut builder = func.builder();
+            builder.arg(&x).arg(&xsb).arg(&xst).arg(&xsh);
+            builder.arg(&m).arg(&msb).arg(&mst);
+            builder.arg(&pooled).arg(&t).arg(&h);
+            // SAFETY: argument order and types match the kernel's signature.
+            unsafe { builder.launch(launch_config(b, h as usize, width)?) }.w()?;
+        }
+        Ok(T::wrap_cuda_slice(pooled, dev.clone()))
+    }
+
+    pub fn backward<T: FloatElem + CudaDType + DeviceRepr>(
+        grad: &CudaStorage,
+        gv: View<2>,
+        flags: &CudaStorage,
+        fv: View<2>,
+    ) -> Result<CudaStorage> {
+        let dev = grad.device();
+        let [b, h] = gv.dims;
+        let t = fv.dims[1];
+        // SAFETY: every element is written by the kernel below (or there are none).
+        let grad_hidden = unsafe { dev.alloc::<T>(b * t * h)? };
+        if b * t * h > 0 {
+            // The output is fresh and contiguous: only H decides the vector width.
+            let width = vector_width::<T>(h, &[h, 1], 0);
+            let base = if width > 1 {
+                "mean_pool_bwd_vec"
+            } else {
+                "mean_pool_bwd"
+            };
+            let func = load(dev, "mean_pool", ptx::MEAN_POOL, &kernel_name::<T>(base))?;
+            let g = T::as_cuda_slice(grad)?.slice(gv.offset..);
+            let m = u8::as_cuda_slice(flags)?.slice(fv.offset..);
+            let [gsb, gsh] = gv.strides.map(|s| s as i64);
+            let [msb, mst] = fv.strides.map(|s| s as i64);
+            let (t, h) = (as_int(t, "T")?, as_int(h, "H")?);
+            let mut builder = func.builder();
+            builder.arg(&g).arg(&gsb).arg(&gsh);
+            builder.arg(&m).arg(&msb).arg(&mst);
+            builder.arg(&grad_hidden).arg(&t).arg(&h);
+            // SAFETY: argument order and types match the kernel's signature.
+            unsafe { builder.launch(launch_config(b, h as usize, width)?) }.w()?;
+        }
+        Ok(T::wrap_cuda_slice(grad_hidden, dev.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The private ops see only what the public fns hand them, but still refuse
+    /// a mask that is not u8 flags rather than misread it.
+    #[test]
+    fn ops_reject_masks_that_are_not_u8_flags() -> Result<()> {
+        let hidden = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu)?;
+        let mask = Tensor::ones((2, 3), DType::F32, &Device::Cpu)?;
+        let grad = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+        for result in [
+            hidden.apply_op2(&mask, MeanPool),
+            grad.apply_op2(&mask, MeanPoolBackward),
+        ] {
+            let message = result.expect_err("f32 flags accepted").to_string();
+            assert!(
+                message.contains("unsupported dtype F32 for mask"),
+                "{message}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The ops check the layouts they get too: a mask of the wrong shape is an Err.
+    #[test]
+    fn ops_check_shapes_from_the_layouts() -> Result<()> {
+        let hidden = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu)?;
+        let mask = Tensor::ones((2, 5), DType::U8, &Device::Cpu)?;
+        let message = hidden
+            .apply_op2(&mask, MeanPool)
+            .expect_err("bad shape")
+            .to_string();
+        assert!(
+            message.contains("does not match hidden's [B,T]"),
+            "{message}"
+        );
+        Ok(())
+    }
 }
