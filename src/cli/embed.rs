@@ -1,8 +1,177 @@
-//! `sentence-mtl embed` (being written).
+//! `sentence-mtl embed`: sentences in (arguments, a file or stdin, one per
+//! line), embeddings out (JSON on stdout, or a `.npy` file).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{Pooling, SentenceEncoder, DEFAULT_MODEL};
+
+/// Options shared by the commands that run the sentence encoder.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EncoderArgs {
+    /// Model folder or Hugging Face repo id.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Weight and activation dtype.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
+    /// Sentences per forward pass.
+    #[arg(long, default_value_t = crate::model::encoder::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Pooling, overriding the model's 1_Pooling/config.json.
+    #[arg(long, value_enum)]
+    pub pooling: Option<PoolingArg>,
+    /// Do not L2-normalise embeddings, even if the model's pipeline does.
+    #[arg(long)]
+    pub no_normalize: bool,
+    /// Run on the GPU (needs the `cuda` feature).
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Precision> for DType {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolingArg {
+    Mean,
+    Cls,
+}
+
+impl EncoderArgs {
+    /// Loads the encoder these options describe, with a progress bar for long inputs.
+    pub fn load(&self) -> anyhow::Result<SentenceEncoder> {
+        let device = if self.cuda {
+            Device::new_cuda(0).context("cannot open CUDA device 0")?
+        } else {
+            Device::Cpu
+        };
+        let mut encoder = SentenceEncoder::load(&self.model, self.dtype.into(), &device)?
+            .with_batch_size(self.batch_size)
+            .with_progress(true);
+        if let Some(pooling) = self.pooling {
+            encoder = encoder.with_pooling(match pooling {
+                PoolingArg::Mean => Pooling::Mean,
+                PoolingArg::Cls => Pooling::Cls,
+            });
+        }
+        if self.no_normalize {
+            encoder = encoder.with_normalize(false);
+        }
+        Ok(encoder)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A JSON array of embedding arrays, in input order, on stdout.
+    Json,
+    /// A `[N, H]` float32 .npy file (needs --output).
+    Npy,
+}
 
 #[derive(Debug, clap::Args)]
-pub struct EmbedArgs {}
+pub struct EmbedArgs {
+    /// Sentences to embed; if none, they are read from --file or stdin, one per line.
+    pub sentences: Vec<String>,
+    /// File with one sentence per line ("-" for stdin).
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+    /// Output file (required for npy; JSON goes to stdout without it).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+}
 
-pub fn run(_args: EmbedArgs) -> anyhow::Result<()> {
-    anyhow::bail!("sentence-mtl embed: not implemented yet")
+/// The sentences named by arguments, `--file`, or piped on stdin.
+pub fn read_sentences(
+    sentences: &[String],
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<String>> {
+    if !sentences.is_empty() {
+        if file.is_some() {
+            bail!("give sentences either as arguments or with --file, not both");
+        }
+        return Ok(sentences.to_vec());
+    }
+    let lines = match file {
+        Some(path) if path.as_os_str() != "-" => {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            read_lines(std::io::BufReader::new(file))
+                .with_context(|| format!("cannot read {}", path.display()))?
+        }
+        Some(_) => read_lines(std::io::stdin().lock()).context("cannot read stdin")?,
+        None if !std::io::stdin().is_terminal() => {
+            read_lines(std::io::stdin().lock()).context("cannot read stdin")?
+        }
+        None => bail!("no sentences: give them as arguments, with --file, or on stdin"),
+    };
+    if lines.is_empty() {
+        bail!("no sentences in the input");
+    }
+    Ok(lines)
+}
+
+/// One sentence per line; an empty line is an empty sentence (its row is kept,
+/// so output row i is input line i).
+fn read_lines(reader: impl BufRead) -> std::io::Result<Vec<String>> {
+    reader
+        .lines()
+        .map(|line| line.map(|l| l.strip_suffix('\r').map(str::to_string).unwrap_or(l)))
+        .collect()
+}
+
+pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
+    if args.format == Format::Npy && args.output.is_none() {
+        bail!("--format npy writes a file: give its path with --output");
+    }
+    let sentences = read_sentences(&args.sentences, args.file.as_deref())?;
+    let encoder = args.encoder.load()?;
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let embeddings = encoder.encode(&texts)?.to_dtype(DType::F32)?;
+    match args.format {
+        Format::Json => write_json(&embeddings, args.output.as_deref()),
+        Format::Npy => {
+            let path = args.output.as_deref().expect("checked above");
+            embeddings
+                .write_npy(path)
+                .with_context(|| format!("cannot write {}", path.display()))
+        }
+    }
+}
+
+fn write_json(embeddings: &Tensor, output: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let rows = embeddings.to_vec2::<f32>()?;
+    let mut out: Box<dyn Write> = match output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    serde_json::to_writer(&mut out, &rows)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
 }

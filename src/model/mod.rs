@@ -1,1 +1,30 @@
-//! Models (being written).
+//! Models: a BERT encoder that fine-tunes, the files it loads from, the
+//! tokenizer, and the sentence encoder built on them.
+//!
+//! - [`resolve`]: finds a model's folder (local path, Hugging Face cache, our
+//!   own cache filled by `scripts/fetch-model.sh`, or a download).
+//! - [`config`]: reads `config.json`, `sentence_bert_config.json`, the pooling
+//!   and normalisation settings of a sentence-transformers folder.
+//! - [`checkpoint`]: loads safetensors weights with or without the `bert.`
+//!   prefix, as plain tensors or as trainable `Var`s.
+//! - [`layers`]: the differentiable building blocks (LayerNorm, softmax,
+//!   attention mask bias, dropout) and their no-gradient fast twins.
+//! - [`bert`]: [`BertEncoder`], the transformer itself.
+//! - [`tokenize`]: tokenizer loading and batch encoding to tensors.
+//! - [`encoder`]: [`SentenceEncoder`], sentences in, embeddings out.
+
+pub mod bert;
+pub mod checkpoint;
+pub mod config;
+pub mod encoder;
+
+pub mod layers;
+pub mod resolve;
+pub mod tokenize;
+
+pub use bert::BertEncoder;
+pub use checkpoint::{load_frozen, load_trainable};
+pub use config::{load_bert_config, max_seq_length, Pooling, SentenceConfig};
+pub use encoder::SentenceEncoder;
+
+pub use resolve::{resolve_cached, resolve_model, ModelFiles, DEFAULT_MODEL};

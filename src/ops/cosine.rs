@@ -1,12 +1,794 @@
-//! Cosine similarity (being written).
-use candle_core::{Result, Tensor};
+//! L2 normalisation and cosine similarity, fused and differentiable.
+//!
+//! # Semantics
+//!
+//! The epsilon rule is PyTorch's `F.normalize(x, p=2, dim=-1, eps=1e-12)`, which is
+//! what sentence-transformers' `util.cos_sim` and `util.pairwise_cos_sim` use:
+//!
+//! - [`l2_normalize`]: `y = x / max(‖x‖₂, EPS)` for every row (last dimension).
+//! - [`cosine_similarity`] (row-wise, `[N,H] × [N,H] → [N]`) and
+//!   [`cosine_similarity_matrix`] (all pairs, `[N,H] × [M,H] → [N,M]`):
+//!   `cos(a, b) = ⟨a, b⟩ / (max(‖a‖, EPS) · max(‖b‖, EPS))`, i.e. normalise, then
+//!   dot. A zero row gives similarity 0, never NaN.
+//!
+//! Sums run in the accumulator type (f32 for f16/bf16/f32, f64 for f64), so, as in
+//! PyTorch, f32 rows whose norm exceeds ~1.8e19 overflow.
+//!
+//! Gradients w.r.t. both inputs follow the clamp exactly: at or above it
+//! `dy/dx = (I − y·yᵀ) / ‖x‖`; below it the divisor is the constant `EPS` and
+//! `y = x / EPS` is linear in `x` (PyTorch's `clamp_min` passes the gradient at
+//! `‖x‖ = EPS` to the norm, and so do these ops).
+//!
+//! # Implementation
+//!
+//! - `l2_normalize` and the row-wise cosine are fused `CustomOp`s: one pass over
+//!   the inputs per row (CPU: rows in parallel with rayon once there is enough
+//!   work; CUDA: one warp per row, 16-byte vector loads where rows are aligned),
+//!   and a fused backward op that reads the inputs once more and writes both
+//!   gradients.
+//! - The matrix form is `l2_normalize(a) · l2_normalize(b)ᵀ`: the fused
+//!   normalisation, then candle's matmul (gemm on the CPU, cuBLAS on CUDA), whose
+//!   backward is itself a pair of matmuls. Scaling the `N×M` product by the inverse
+//!   norms instead would add a pass over the output, larger than the inputs
+//!   whenever `N·M > (N+M)·H`.
+//!
+//! # Errors
+//!
+//! Every function returns an `Err` naming itself and the problem for: a rank
+//! other than 2 (`l2_normalize`: rank 0), a hidden-size mismatch, a row-count
+//! mismatch (row-wise form), inputs on different devices, inputs of different
+//! dtypes, or a non-float dtype.
+//!
+//! # Example
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use sentence_mtl::ops::{cosine_similarity, cosine_similarity_matrix, l2_normalize};
+//!
+//! let dev = Device::Cpu;
+//! let a = Tensor::new(&[[3f32, 4.], [0., 0.]], &dev)?;
+//! let b = Tensor::new(&[[6f32, 8.], [1., 2.]], &dev)?;
+//! let y = l2_normalize(&a)?.to_vec2::<f32>()?;
+//! assert!((y[0][0] - 0.6).abs() < 1e-6 && y[1] == [0., 0.]);
+//! let cos = cosine_similarity(&a, &b)?.to_vec1::<f32>()?;
+//! assert!((cos[0] - 1.0).abs() < 1e-6 && cos[1] == 0.0); // a zero row gives 0
+//! let all = cosine_similarity_matrix(&a, &b)?;
+//! assert_eq!(all.dims(), &[2, 2]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
-pub fn cosine_similarity(_a: &Tensor, _b: &Tensor) -> Result<Tensor> {
-    candle_core::bail!("cosine_similarity: not implemented yet")
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use num_traits::{Float, Zero};
+use rayon::prelude::*;
+
+use super::dtype::{unsupported_dtype, Accum, FloatElem};
+use super::layout::{check_rank, check_same_device, check_same_dtype, View};
+use crate::with_float_dtype;
+
+/// The clamp on norms: `F.normalize`'s default `eps`.
+pub const EPS: f64 = 1e-12;
+
+const NORMALIZE: &str = "l2_normalize";
+const ROW_COSINE: &str = "cosine_similarity";
+const MATRIX_COSINE: &str = "cosine_similarity_matrix";
+
+// ---- public functions --------------------------------------------------------
+
+/// Divides every row (the last dimension) of `x` by `max(‖row‖₂, 1e-12)`, exactly
+/// `torch.nn.functional.normalize(x, p=2, dim=-1)`. A zero row stays zero.
+///
+/// `x` may have any rank ≥ 1 and any float dtype; ranks other than 2 are viewed
+/// as `[rows, H]` (a copy when that view is not contiguous). Differentiable.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 0 {
+        candle_core::bail!("{NORMALIZE}: x must have rank >= 1 [.., H], got a scalar");
+    }
+    check_float(NORMALIZE, "x", x)?;
+    if x.rank() == 2 {
+        return for_kernels(x)?.apply_op1(L2Normalize);
+    }
+    let dims = x.dims();
+    let (h, rows) = (
+        dims[dims.len() - 1],
+        dims[..dims.len() - 1].iter().product::<usize>(),
+    );
+    let y = for_kernels(&x.reshape((rows, h))?)?.apply_op1(L2Normalize)?;
+    y.reshape(dims)
 }
-pub fn cosine_similarity_matrix(_a: &Tensor, _b: &Tensor) -> Result<Tensor> {
-    candle_core::bail!("cosine_similarity_matrix: not implemented yet")
+
+/// Row-wise cosine similarity of `a` `[N,H]` and `b` `[N,H]`: `[N]`, with
+/// `cos = ⟨a,b⟩ / (max(‖a‖,1e-12)·max(‖b‖,1e-12))` as sentence-transformers'
+/// `pairwise_cos_sim`. Differentiable w.r.t. both inputs.
+pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_pair(ROW_COSINE, a, b)?;
+    if a.dim(0)? != b.dim(0)? {
+        candle_core::bail!(
+            "{ROW_COSINE}: a and b must have the same number of rows N, got a {:?} and b {:?}",
+            a.dims(),
+            b.dims()
+        );
+    }
+    for_kernels(a)?.apply_op2(&for_kernels(b)?, RowCosine)
 }
-pub fn l2_normalize(_x: &Tensor) -> Result<Tensor> {
-    candle_core::bail!("l2_normalize: not implemented yet")
+
+/// Cosine similarity of every row of `a` `[N,H]` with every row of `b` `[M,H]`:
+/// `[N,M]`, as sentence-transformers' `util.cos_sim` (normalise, then matmul).
+/// Differentiable w.r.t. both inputs; when `b` is `a` itself it is normalised once.
+pub fn cosine_similarity_matrix(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_pair(MATRIX_COSINE, a, b)?;
+    let a_hat = l2_normalize(a)?;
+    let b_hat = if a.id() == b.id() {
+        a_hat.clone()
+    } else {
+        l2_normalize(b)?
+    };
+    a_hat.matmul(&b_hat.t()?)
+}
+
+// ---- validation -----------------------------------------------------------------
+
+fn check_float(op: &str, what: &str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(()),
+        other => Err(unsupported_dtype(op, what, other)),
+    }
+}
+
+/// The checks both cosine forms share: ranks, device, dtype and hidden size.
+fn check_pair(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    check_rank(op, "a", a, 2, "[N,H]")?;
+    check_rank(op, "b", b, 2, "[N,H]")?;
+    check_same_device(op, ("a", a), ("b", b))?;
+    check_float(op, "a", a)?;
+    check_same_dtype(op, ("a", a), ("b", b))?;
+    if a.dim(1)? != b.dim(1)? {
+        candle_core::bail!(
+            "{op}: a and b must have the same hidden size H, got a {:?} and b {:?}",
+            a.dims(),
+            b.dims()
+        );
+    }
+    Ok(())
+}
+
+/// The kernels read rows with unit stride (coalesced); on CUDA, copy an input
+/// whose last dimension is strided (a transpose, a broadcast). The CPU path reads
+/// any layout as it is.
+fn for_kernels(t: &Tensor) -> Result<Tensor> {
+    let unit_rows = t.stride().last() == Some(&1) || t.dims().last().is_some_and(|&h| h <= 1);
+    if t.device().is_cuda() && !unit_rows {
+        t.contiguous()
+    } else {
+        Ok(t.clone())
+    }
+}
+
+/// `[N,H]` views of two inputs with the same H (and, if `same_rows`, the same N).
+fn row_views(op: &str, l1: &Layout, l2: &Layout, same_rows: bool) -> Result<(View<2>, View<2>)> {
+    let (v1, v2) = (View::<2>::new(op, "a", l1)?, View::<2>::new(op, "b", l2)?);
+    if v1.dims[1] != v2.dims[1] || (same_rows && v1.dims[0] != v2.dims[0]) {
+        candle_core::bail!("{op}: shape mismatch, {:?} and {:?}", v1.dims, v2.dims);
+    }
+    Ok((v1, v2))
+}
+
+fn check_dtypes(op: &str, dtypes: &[DType]) -> Result<()> {
+    if dtypes.windows(2).any(|w| w[0] != w[1]) {
+        candle_core::bail!("{op}: inputs must share one dtype, got {dtypes:?}");
+    }
+    Ok(())
+}
+
+// ---- the custom ops ------------------------------------------------------------
+
+/// `x [N,H] → x / max(‖x‖, EPS)` per row.
+struct L2Normalize;
+
+/// `(x [N,H], grad [N,H]) → dx [N,H]`.
+struct L2NormalizeBackward;
+
+/// `(a [N,H], b [N,H]) → cos [N]`.
+struct RowCosine;
+
+/// `(a [N,H], b [N,H], grad [N]) → [2,N,H]`: `da` then `db`.
+struct RowCosineBackward;
+
+impl CustomOp1 for L2Normalize {
+    fn name(&self) -> &'static str {
+        NORMALIZE
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let view = View::<2>::new(NORMALIZE, "x", l)?;
+        with_float_dtype!(NORMALIZE, "x", s.dtype(), T => {
+            let x = Rows::new(s.as_slice::<T>()?, view);
+            Ok((T::to_cpu_storage_owned(cpu::normalize(&x)), Shape::from(view.dims.to_vec())))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let view = View::<2>::new(NORMALIZE, "x", l)?;
+        with_float_dtype!(NORMALIZE, "x", s.dtype(), T => gpu::normalize::<T>(s, view))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2(&for_kernels(grad)?, L2NormalizeBackward)?))
+    }
+}
+
+impl CustomOp2 for L2NormalizeBackward {
+    fn name(&self) -> &'static str {
+        "l2_normalize_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (xv, gv) = row_views(self.name(), l1, l2, true)?;
+        check_dtypes(self.name(), &[s1.dtype(), s2.dtype()])?;
+        with_float_dtype!(self.name(), "x", s1.dtype(), T => {
+            let x = Rows::new(s1.as_slice::<T>()?, xv);
+            let g = Rows::new(s2.as_slice::<T>()?, gv);
+            Ok((T::to_cpu_storage_owned(cpu::normalize_backward(&x, &g)), Shape::from(xv.dims.to_vec())))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (xv, gv) = row_views(self.name(), l1, l2, true)?;
+        check_dtypes(self.name(), &[s1.dtype(), s2.dtype()])?;
+        with_float_dtype!(self.name(), "x", s1.dtype(), T => gpu::normalize_backward::<T>(s1, xv, s2, gv))
+    }
+}
+
+impl CustomOp2 for RowCosine {
+    fn name(&self) -> &'static str {
+        ROW_COSINE
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (av, bv) = row_views(ROW_COSINE, l1, l2, true)?;
+        check_dtypes(ROW_COSINE, &[s1.dtype(), s2.dtype()])?;
+        with_float_dtype!(ROW_COSINE, "a", s1.dtype(), T => {
+            let a = Rows::new(s1.as_slice::<T>()?, av);
+            let b = Rows::new(s2.as_slice::<T>()?, bv);
+            Ok((T::to_cpu_storage_owned(cpu::row_cosine(&a, &b)), Shape::from(av.dims[0])))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (av, bv) = row_views(ROW_COSINE, l1, l2, true)?;
+        check_dtypes(ROW_COSINE, &[s1.dtype(), s2.dtype()])?;
+        with_float_dtype!(ROW_COSINE, "a", s1.dtype(), T => gpu::row_cosine::<T>(s1, av, s2, bv))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _cos: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grads = a.apply_op3(b, grad, RowCosineBackward)?;
+        Ok((Some(grads.get(0)?), Some(grads.get(1)?)))
+    }
+}
+
+impl CustomOp3 for RowCosineBackward {
+    fn name(&self) -> &'static str {
+        "cosine_similarity_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (av, bv) = row_views(self.name(), l1, l2, true)?;
+        let gv = grad_view(self.name(), l3, av.dims[0])?;
+        check_dtypes(self.name(), &[s1.dtype(), s2.dtype(), s3.dtype()])?;
+        with_float_dtype!(self.name(), "a", s1.dtype(), T => {
+            let a = Rows::new(s1.as_slice::<T>()?, av);
+            let b = Rows::new(s2.as_slice::<T>()?, bv);
+            let g = s3.as_slice::<T>()?;
+            let grad = |i: usize| g[gv.at([i])];
+            let out = cpu::row_cosine_backward(&a, &b, grad);
+            Ok((T::to_cpu_storage_owned(out), Shape::from((2, av.dims[0], av.dims[1]))))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (av, bv) = row_views(self.name(), l1, l2, true)?;
+        let gv = grad_view(self.name(), l3, av.dims[0])?;
+        check_dtypes(self.name(), &[s1.dtype(), s2.dtype(), s3.dtype()])?;
+        with_float_dtype!(self.name(), "a", s1.dtype(), T => {
+            gpu::row_cosine_backward::<T>(s1, av, s2, bv, s3, gv)
+        })
+    }
+}
+
+/// The `[N]` view of the row-wise gradient (often a stride-0 broadcast).
+fn grad_view(op: &str, l: &Layout, n: usize) -> Result<View<1>> {
+    let v = View::<1>::new(op, "grad", l)?;
+    if v.dims[0] != n {
+        candle_core::bail!("{op}: grad has {} rows, the inputs {n}", v.dims[0]);
+    }
+    Ok(v)
+}
+
+// ---- CPU -------------------------------------------------------------------------
+
+/// The rows of an `[N,H]` CPU input, each read as a slice: borrowed when the row
+/// is unit-stride, else gathered into a row-sized scratch buffer.
+struct Rows<'a, T> {
+    data: &'a [T],
+    view: View<2>,
+}
+
+impl<'a, T: Copy> Rows<'a, T> {
+    fn new(data: &'a [T], view: View<2>) -> Self {
+        Self { data, view }
+    }
+
+    fn count(&self) -> usize {
+        self.view.dims[0]
+    }
+
+    fn len(&self) -> usize {
+        self.view.dims[1]
+    }
+
+    fn row<'s>(&'s self, i: usize, scratch: &'s mut Vec<T>) -> &'s [T] {
+        let (start, h) = (self.view.at([i, 0]), self.len());
+        if self.view.rows_contiguous() {
+            return &self.data[start..start + h];
+        }
+        let step = self.view.strides[1];
+        scratch.clear();
+        scratch.extend((0..h).map(|j| self.data[start + j * step]));
+        scratch
+    }
+}
+
+mod cpu {
+    use super::*;
+
+    /// Below this many input elements the rows run on the calling thread: handing
+    /// them to rayon costs more than it saves.
+    const PARALLEL_MIN_ELEMS: usize = 1 << 16;
+
+    /// Independent partial sums per reduction, so the inner loops vectorise.
+    const LANES: usize = 8;
+
+    type Acc<T> = <T as FloatElem>::Acc;
+
+    /// Scratch rows for strided inputs, one set per rayon job.
+    struct Scratch<T> {
+        x: Vec<T>,
+        y: Vec<T>,
+    }
+
+    impl<T> Default for Scratch<T> {
+        fn default() -> Self {
+            Self {
+                x: Vec::new(),
+                y: Vec::new(),
+            }
+        }
+    }
+
+    /// Runs `f(scratch, i, out_row)` for every output row of length `row_len`,
+    /// in parallel when `work` (input elements) is large enough.
+    fn for_each_row<T, F>(out: &mut [T], row_len: usize, work: usize, f: F)
+    where
+        T: Send,
+        F: Fn(&mut Scratch<T>, usize, &mut [T]) + Sync + Send,
+    {
+        if row_len == 0 {
+            return;
+        }
+        if work >= PARALLEL_MIN_ELEMS {
+            out.par_chunks_mut(row_len)
+                .enumerate()
+                .for_each_init(Scratch::default, |s, (i, row)| f(s, i, row));
+        } else {
+            let mut s = Scratch::default();
+            for (i, row) in out.chunks_mut(row_len).enumerate() {
+                f(&mut s, i, row);
+            }
+        }
+    }
+
+    /// `[Σx·y, Σx², Σy²]` in the accumulator type.
+    #[allow(clippy::needless_range_loop)] // k indexes three accumulators and two chunks
+    fn dots<T: FloatElem>(x: &[T], y: &[T]) -> [Acc<T>; 3] {
+        let zero = Acc::<T>::zero();
+        let (mut xy, mut xx, mut yy) = ([zero; LANES], [zero; LANES], [zero; LANES]);
+        let (xs, ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+        let tail = xs.remainder().iter().zip(ys.remainder());
+        for (xc, yc) in xs.zip(ys) {
+            for k in 0..LANES {
+                let (u, v) = (xc[k].to_acc(), yc[k].to_acc());
+                xy[k] += u * v;
+                xx[k] += u * u;
+                yy[k] += v * v;
+            }
+        }
+        let mut sums = [xy, xx, yy].map(|lanes| lanes.into_iter().sum::<Acc<T>>());
+        for (u, v) in tail {
+            let (u, v) = (u.to_acc(), v.to_acc());
+            sums[0] += u * v;
+            sums[1] += u * u;
+            sums[2] += v * v;
+        }
+        sums
+    }
+
+    /// `Σx²` in the accumulator type.
+    #[allow(clippy::needless_range_loop)]
+    fn sum_sq<T: FloatElem>(x: &[T]) -> Acc<T> {
+        let mut xx = [Acc::<T>::zero(); LANES];
+        let xs = x.chunks_exact(LANES);
+        let tail = xs.remainder();
+        for xc in xs {
+            for k in 0..LANES {
+                let u = xc[k].to_acc();
+                xx[k] += u * u;
+            }
+        }
+        let mut sum: Acc<T> = xx.into_iter().sum();
+        for u in tail {
+            sum += u.to_acc() * u.to_acc();
+        }
+        sum
+    }
+
+    /// `out = alpha·x + beta·y`, element-wise.
+    fn axpby<T: FloatElem>(out: &mut [T], alpha: Acc<T>, x: &[T], beta: Acc<T>, y: &[T]) {
+        for ((o, u), v) in out.iter_mut().zip(x).zip(y) {
+            *o = T::from_acc(alpha * u.to_acc() + beta * v.to_acc());
+        }
+    }
+
+    /// The norm of a row with squared norm `sq`, clamped: `(max(n, EPS), n >= EPS)`.
+    fn clamped_norm<A: Accum>(sq: A) -> (A, bool) {
+        let (n, eps) = (sq.sqrt(), A::of(EPS));
+        if n >= eps {
+            (n, true)
+        } else {
+            (eps, false)
+        }
+    }
+
+    pub(super) fn normalize<T: FloatElem>(x: &Rows<T>) -> Vec<T> {
+        let (n, h) = (x.count(), x.len());
+        let mut out = vec![T::zero(); n * h];
+        for_each_row(&mut out, h, n * h, |s, i, y| {
+            let row = x.row(i, &mut s.x);
+            let (d, _) = clamped_norm(sum_sq(row));
+            let inv = d.recip();
+            for (o, u) in y.iter_mut().zip(row) {
+                *o = T::from_acc(u.to_acc() * inv);
+            }
+        });
+        out
+    }
+
+    /// `dx = g/d − x·⟨x,g⟩/d³` with `d = ‖x‖` at or above the clamp, else `g/EPS`.
+    pub(super) fn normalize_backward<T: FloatElem>(x: &Rows<T>, g: &Rows<T>) -> Vec<T> {
+        let (n, h) = (x.count(), x.len());
+        let mut out = vec![T::zero(); n * h];
+        for_each_row(&mut out, h, 2 * n * h, |s, i, dx| {
+            let (xr, gr) = (x.row(i, &mut s.x), g.row(i, &mut s.y));
+            let [xg, xx, _] = dots(xr, gr);
+            let (d, unclamped) = clamped_norm(xx);
+            let inv = d.recip();
+            let k = if unclamped {
+                xg * inv * inv * inv
+            } else {
+                Acc::<T>::zero()
+            };
+            axpby(dx, inv, gr, -k, xr);
+        });
+        out
+    }
+
+    pub(super) fn row_cosine<T: FloatElem>(a: &Rows<T>, b: &Rows<T>) -> Vec<T> {
+        let (n, h) = (a.count(), a.len());
+        let mut out = vec![T::zero(); n];
+        for_each_row(&mut out, 1, 2 * n * h, |s, i, cos| {
+            let [ab, aa, bb] = dots(a.row(i, &mut s.x), b.row(i, &mut s.y));
+            cos[0] = T::from_acc(ab / (clamped_norm(aa).0 * clamped_norm(bb).0));
+        });
+        out
+    }
+
+    /// `[da; db]` with, per row (`dₐ`, `d_b` the clamped norms, `c` the cosine):
+    /// `da = g/(dₐd_b)·b − [‖a‖≥EPS]·g·c/dₐ²·a`, and `db` symmetrically.
+    pub(super) fn row_cosine_backward<T: FloatElem>(
+        a: &Rows<T>,
+        b: &Rows<T>,
+        grad: impl Fn(usize) -> T + Sync + Send,
+    ) -> Vec<T> {
+        let (n, h) = (a.count(), a.len());
+        let mut out = vec![T::zero(); 2 * n * h];
+        if h == 0 {
+            return out;
+        }
+        let (da, db) = out.split_at_mut(n * h);
+        let row = |s: &mut Scratch<T>, i: usize, da: &mut [T], db: &mut [T]| {
+            let (ar, br) = (a.row(i, &mut s.x), b.row(i, &mut s.y));
+            let [ab, aa, bb] = dots(ar, br);
+            let ((na, a_unclamped), (nb, b_unclamped)) = (clamped_norm(aa), clamped_norm(bb));
+            let g = grad(i).to_acc();
+            let cross = g / (na * nb);
+            let cos = ab / (na * nb);
+            let zero = Acc::<T>::zero();
+            let ka = if a_unclamped {
+                g * cos / (na * na)
+            } else {
+                zero
+            };
+            let kb = if b_unclamped {
+                g * cos / (nb * nb)
+            } else {
+                zero
+            };
+            axpby(da, cross, br, -ka, ar);
+            axpby(db, cross, ar, -kb, br);
+        };
+        if 2 * n * h >= PARALLEL_MIN_ELEMS {
+            da.par_chunks_mut(h)
+                .zip(db.par_chunks_mut(h))
+                .enumerate()
+                .for_each_init(Scratch::default, |s, (i, (da, db))| row(s, i, da, db));
+        } else {
+            let mut s = Scratch::default();
+            for (i, (da, db)) in da.chunks_mut(h).zip(db.chunks_mut(h)).enumerate() {
+                row(&mut s, i, da, db);
+            }
+        }
+        out
+    }
+}
+
+// ---- CUDA ------------------------------------------------------------------------
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+    use candle_core::{Result, Shape};
+
+    use super::View;
+    use crate::ops::cuda::{kernel_name, load, ptx};
+    use crate::ops::dtype::FloatElem;
+
+    /// Rows per 256-thread block: one warp per row (kernels/cosine.cu).
+    const ROWS_PER_BLOCK: u32 = 8;
+
+    /// An input as the kernels read it: the view from row 0 and the row stride.
+    struct DeviceRows<'a, T> {
+        data: CudaView<'a, T>,
+        stride: i64,
+    }
+
+    fn device_rows<'a, T: CudaDType + DeviceRepr>(
+        op: &str,
+        s: &'a CudaStorage,
+        view: &View<2>,
+    ) -> Result<DeviceRows<'a, T>> {
+        if !view.rows_contiguous() {
+            // for_kernels() copies such inputs first; reaching here is a bug.
+            candle_core::bail!(
+                "{op}: CUDA kernels need unit-stride rows, got strides {:?}",
+                view.strides
+            );
+        }
+        Ok(DeviceRows {
+            data: T::as_cuda_slice(s)?.slice(view.offset..),
+            stride: view.strides[0] as i64,
+        })
+    }
+
+    fn launch_config(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK as usize) as u32, 1, 1),
+            block_dim: (32 * ROWS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// `(rows, h)` as the kernels' `int` arguments.
+    fn dims_i32(op: &str, view: &View<2>) -> Result<(i32, i32)> {
+        match (i32::try_from(view.dims[0]), i32::try_from(view.dims[1])) {
+            (Ok(n), Ok(h)) => Ok((n, h)),
+            _ => candle_core::bail!(
+                "{op}: shape {:?} is too large for the CUDA kernels",
+                view.dims
+            ),
+        }
+    }
+
+    fn device(s: &CudaStorage) -> &CudaDevice {
+        &s.device
+    }
+
+    pub(super) fn normalize<T: FloatElem + CudaDType + DeviceRepr>(
+        s: &CudaStorage,
+        view: View<2>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = super::NORMALIZE;
+        let dev = device(s);
+        let (n, h) = dims_i32(op, &view)?;
+        let x = device_rows::<T>(op, s, &view)?;
+        // SAFETY: every element is written by the kernel (one warp per row).
+        let out = unsafe { dev.alloc::<T>(view.elem_count())? };
+        if n > 0 {
+            let func = load(
+                dev,
+                "cosine",
+                ptx::COSINE,
+                &kernel_name::<T>("l2_normalize_fwd"),
+            )?;
+            let mut args = func.builder();
+            args.arg(&x.data).arg(&x.stride).arg(&out).arg(&n).arg(&h);
+            // SAFETY: argument types and order match the kernel's signature.
+            unsafe { args.launch(launch_config(view.dims[0])) }.w()?;
+        }
+        Ok((
+            T::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(view.dims.to_vec()),
+        ))
+    }
+
+    pub(super) fn normalize_backward<T: FloatElem + CudaDType + DeviceRepr>(
+        xs: &CudaStorage,
+        xv: View<2>,
+        gs: &CudaStorage,
+        gv: View<2>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = "l2_normalize_backward";
+        let dev = device(xs);
+        let (n, h) = dims_i32(op, &xv)?;
+        let (x, g) = (
+            device_rows::<T>(op, xs, &xv)?,
+            device_rows::<T>(op, gs, &gv)?,
+        );
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(xv.elem_count())? };
+        if n > 0 {
+            let func = load(
+                dev,
+                "cosine",
+                ptx::COSINE,
+                &kernel_name::<T>("l2_normalize_bwd"),
+            )?;
+            let mut args = func.builder();
+            args.arg(&x.data).arg(&x.stride).arg(&g.data).arg(&g.stride);
+            args.arg(&out).arg(&n).arg(&h);
+            // SAFETY: argument types and order match the kernel's signature.
+            unsafe { args.launch(launch_config(xv.dims[0])) }.w()?;
+        }
+        Ok((
+            T::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(xv.dims.to_vec()),
+        ))
+    }
+
+    pub(super) fn row_cosine<T: FloatElem + CudaDType + DeviceRepr>(
+        s1: &CudaStorage,
+        av: View<2>,
+        s2: &CudaStorage,
+        bv: View<2>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = super::ROW_COSINE;
+        let dev = device(s1);
+        let (n, h) = dims_i32(op, &av)?;
+        let (a, b) = (
+            device_rows::<T>(op, s1, &av)?,
+            device_rows::<T>(op, s2, &bv)?,
+        );
+        // SAFETY: every element is written by the kernel (lane 0 of each row's warp).
+        let out = unsafe { dev.alloc::<T>(av.dims[0])? };
+        if n > 0 {
+            let func = load(
+                dev,
+                "cosine",
+                ptx::COSINE,
+                &kernel_name::<T>("cosine_rows_fwd"),
+            )?;
+            let mut args = func.builder();
+            args.arg(&a.data).arg(&a.stride).arg(&b.data).arg(&b.stride);
+            args.arg(&out).arg(&n).arg(&h);
+            // SAFETY: argument types and order match the kernel's signature.
+            unsafe { args.launch(launch_config(av.dims[0])) }.w()?;
+        }
+        Ok((
+            T::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(av.dims[0]),
+        ))
+    }
+
+    pub(super) fn row_cosine_backward<T: FloatElem + CudaDType + DeviceRepr>(
+        s1: &CudaStorage,
+        av: View<2>,
+        s2: &CudaStorage,
+        bv: View<2>,
+        s3: &CudaStorage,
+        gv: View<1>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = "cosine_similarity_backward";
+        let dev = device(s1);
+        let (n, h) = dims_i32(op, &av)?;
+        let (a, b) = (
+            device_rows::<T>(op, s1, &av)?,
+            device_rows::<T>(op, s2, &bv)?,
+        );
+        let g = T::as_cuda_slice(s3)?.slice(gv.offset..);
+        let g_stride = gv.strides[0] as i64;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(2 * av.elem_count())? };
+        if n > 0 {
+            let func = load(
+                dev,
+                "cosine",
+                ptx::COSINE,
+                &kernel_name::<T>("cosine_rows_bwd"),
+            )?;
+            let mut args = func.builder();
+            args.arg(&a.data).arg(&a.stride).arg(&b.data).arg(&b.stride);
+            args.arg(&g).arg(&g_stride).arg(&out).arg(&n).arg(&h);
+            // SAFETY: argument types and order match the kernel's signature.
+            unsafe { args.launch(launch_config(av.dims[0])) }.w()?;
+        }
+        let shape = Shape::from((2, av.dims[0], av.dims[1]));
+        Ok((T::wrap_cuda_slice(out, dev.clone()), shape))
+    }
 }

@@ -1,0 +1,391 @@
+//! [`BertEncoder`]: a BERT transformer encoder that fine-tunes.
+//!
+//! Same architecture and parameter names as Hugging Face's `BertModel` (without
+//! the pooler), but every op records its backward (LayerNorm and attention
+//! softmax included, see [`super::layers`]), dropout is real in training, and
+//! the attention mask stays finite in f16 and bf16.
+
+use candle_core::{bail, DType, Result, Tensor};
+use candle_nn::{embedding, linear, Embedding, Linear, Module, VarBuilder};
+use candle_transformers::models::bert::{Config, HiddenAct};
+
+use super::layers::{
+    accumulation_dtype, attention_bias, dropout, softmax_last_dim, LayerNorm, Pass,
+};
+
+pub use super::checkpoint::load_trainable;
+
+/// Token, position and segment embeddings, summed and normalised.
+#[derive(Debug, Clone)]
+struct Embeddings {
+    words: Embedding,
+    positions: Embedding,
+    token_types: Embedding,
+    norm: LayerNorm,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let hidden = config.hidden_size;
+        Ok(Self {
+            words: embedding(config.vocab_size, hidden, vb.pp("word_embeddings"))?,
+            positions: embedding(
+                config.max_position_embeddings,
+                hidden,
+                vb.pp("position_embeddings"),
+            )?,
+            token_types: embedding(
+                config.type_vocab_size,
+                hidden,
+                vb.pp("token_type_embeddings"),
+            )?,
+            norm: LayerNorm::load(hidden, config.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        p_drop: f32,
+        pass: Pass,
+    ) -> Result<Tensor> {
+        let len = input_ids.dim(1)?;
+        let words = self.words.forward(input_ids)?;
+        let types = match token_type_ids {
+            Some(ids) => self.token_types.forward(ids)?,
+            // All segment 0: one row, broadcast (no index tensor to build).
+            None => self
+                .token_types
+                .embeddings()
+                .narrow(0, 0, 1)?
+                .unsqueeze(0)?,
+        };
+        // Absolute positions 0..len: the first `len` rows of the table.
+        let positions = self
+            .positions
+            .embeddings()
+            .narrow(0, 0, len)?
+            .unsqueeze(0)?;
+        let summed = words.broadcast_add(&types)?.broadcast_add(&positions)?;
+        dropout(&self.norm.forward(&summed, pass)?, p_drop, pass)
+    }
+}
+
+/// Multi-head self-attention, up to the concatenated heads (before `output.dense`).
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    heads: usize,
+    head_size: usize,
+}
+
+impl SelfAttention {
+    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let hidden = config.hidden_size;
+        Ok(Self {
+            query: linear(hidden, hidden, vb.pp("query"))?,
+            key: linear(hidden, hidden, vb.pp("key"))?,
+            value: linear(hidden, hidden, vb.pp("value"))?,
+            heads: config.num_attention_heads,
+            head_size: hidden / config.num_attention_heads,
+        })
+    }
+
+    /// `x` is `[B, T, H]`; `bias` the `[B, 1, 1, T]` mask bias in the
+    /// accumulation dtype of `x`.
+    fn forward(&self, x: &Tensor, bias: &Tensor, p_drop: f32, pass: Pass) -> Result<Tensor> {
+        let (batch, len, hidden) = x.dims3()?;
+        // [B, T, H] -> [B, heads, T, head_size]
+        let split = |y: Tensor| {
+            y.reshape((batch, len, self.heads, self.head_size))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        // Scaling the queries rather than the [T, T] scores: fewer elements.
+        let scale = 1.0 / (self.head_size as f64).sqrt();
+        let query = split((self.query.forward(x)? * scale)?)?;
+        let key = split(self.key.forward(x)?)?;
+        let value = split(self.value.forward(x)?)?;
+
+        let scores = query.matmul(&key.t()?)?;
+        let scores = scores
+            .to_dtype(accumulation_dtype(x.dtype()))?
+            .broadcast_add(bias)?;
+        let probs = softmax_last_dim(&scores, pass)?.to_dtype(x.dtype())?;
+        let probs = dropout(&probs, p_drop, pass)?;
+        probs
+            .matmul(&value)?
+            .transpose(1, 2)?
+            .reshape((batch, len, hidden))
+    }
+}
+
+/// One transformer layer: attention and feed-forward, each followed by a
+/// residual connection and LayerNorm (post-norm, as BERT).
+#[derive(Debug, Clone)]
+struct Layer {
+    attention: SelfAttention,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    activation: HiddenAct,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let hidden = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let attention = vb.pp("attention");
+        Ok(Self {
+            attention: SelfAttention::load(attention.pp("self"), config)?,
+            attention_output: linear(hidden, hidden, attention.pp("output").pp("dense"))?,
+            attention_norm: LayerNorm::load(hidden, eps, attention.pp("output").pp("LayerNorm"))?,
+            intermediate: linear(
+                hidden,
+                config.intermediate_size,
+                vb.pp("intermediate").pp("dense"),
+            )?,
+            activation: config.hidden_act,
+            output: linear(
+                config.intermediate_size,
+                hidden,
+                vb.pp("output").pp("dense"),
+            )?,
+            output_norm: LayerNorm::load(hidden, eps, vb.pp("output").pp("LayerNorm"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, bias: &Tensor, p_drop: f32, pass: Pass) -> Result<Tensor> {
+        let context = self.attention.forward(x, bias, p_drop, pass)?;
+        let attended = dropout(&self.attention_output.forward(&context)?, p_drop, pass)?;
+        let x = self.attention_norm.forward(&(attended + x)?, pass)?;
+
+        let inner = self.intermediate.forward(&x)?;
+        let inner = match self.activation {
+            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::GeluApproximate => inner.gelu()?,
+            HiddenAct::Relu => inner.relu()?,
+        };
+        let out = dropout(&self.output.forward(&inner)?, p_drop, pass)?;
+        self.output_norm.forward(&(out + x)?, pass)
+    }
+}
+
+/// A BERT encoder: embeddings and `num_layers()` transformer layers; returns
+/// the last hidden state `[B, T, H]` (no pooler).
+#[derive(Debug, Clone)]
+pub struct BertEncoder {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    hidden_size: usize,
+    max_positions: usize,
+    /// Dropout probability, from `hidden_dropout_prob`; also used on the
+    /// attention probabilities (candle's `Config` has no
+    /// `attention_probs_dropout_prob`; BERT checkpoints set both to 0.1).
+    dropout: f32,
+}
+
+impl BertEncoder {
+    /// Builds the encoder from `vb`, whose paths are Hugging Face's without the
+    /// `bert.` prefix (`embeddings.word_embeddings.weight`,
+    /// `encoder.layer.{i}.attention.self.query.weight`, ...).
+    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        if let Err(e) = super::config::check_bert_config(config) {
+            bail!("invalid BERT config: {e}");
+        }
+        let embeddings = Embeddings::load(vb.pp("embeddings"), config)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings,
+            layers,
+            hidden_size: config.hidden_size,
+            max_positions: config.max_position_embeddings,
+            dropout: config.hidden_dropout_prob as f32,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// The longest input, in tokens, the position table allows.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// The dtype of the weights (and of the output).
+    pub fn dtype(&self) -> DType {
+        self.embeddings.words.embeddings().dtype()
+    }
+
+    /// The last hidden state `[B, T, H]` for `input_ids` `[B, T]` and
+    /// `attention_mask` `[B, T]` (non-zero = real token), with `token_type_ids`
+    /// `[B, T]` (all 0 when `None`). `train` turns dropout on. Every op records
+    /// its backward.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_partly_frozen(input_ids, token_type_ids, attention_mask, train, None)
+    }
+
+    /// As [`forward`](Self::forward), but with the embeddings and the first
+    /// `n` layers frozen when `frozen_layers` is `Some(n)`: the hidden state
+    /// leaving them is detached, so no gradient is computed for them. `Some(0)`
+    /// freezes the embeddings only, `Some(num_layers())` the whole backbone.
+    /// The frozen part runs candle's fused no-gradient kernels.
+    pub fn forward_partly_frozen(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+        train: bool,
+        frozen_layers: Option<usize>,
+    ) -> Result<Tensor> {
+        if let Some(n) = frozen_layers {
+            if n > self.num_layers() {
+                bail!(
+                    "cannot freeze {n} layers: the encoder has {}",
+                    self.num_layers()
+                );
+            }
+        }
+        let trainable = Pass {
+            dropout: train,
+            differentiable: true,
+        };
+        let frozen = Pass {
+            dropout: train,
+            differentiable: false,
+        };
+        // Stage 0 is the embeddings, stage i + 1 is layer i.
+        let frozen_stages = frozen_layers.map_or(0, |n| n + 1);
+        let pass_of = |stage: usize| {
+            if stage < frozen_stages {
+                frozen
+            } else {
+                trainable
+            }
+        };
+        self.run(
+            input_ids,
+            token_type_ids,
+            attention_mask,
+            pass_of,
+            frozen_stages,
+        )
+    }
+
+    /// Inference: no dropout, and candle's fused LayerNorm and softmax kernels,
+    /// which record no backward (faster). Gives the same values as
+    /// `forward(.., train = false)` up to float rounding; never use it for training.
+    pub fn forward_inference(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(
+            input_ids,
+            token_type_ids,
+            attention_mask,
+            |_| Pass::INFERENCE,
+            0,
+        )
+    }
+
+    /// Runs the stages with `pass_of(stage)`; detaches the hidden state after
+    /// the first `detach_after` stages.
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+        pass_of: impl Fn(usize) -> Pass,
+        detach_after: usize,
+    ) -> Result<Tensor> {
+        self.check_inputs(input_ids, token_type_ids, attention_mask)?;
+        let detach_if = |stage: usize, x: Tensor| {
+            if stage + 1 == detach_after {
+                x.detach()
+            } else {
+                x
+            }
+        };
+        let bias = attention_bias(attention_mask, accumulation_dtype(self.dtype()))?;
+        let mut hidden =
+            self.embeddings
+                .forward(input_ids, token_type_ids, self.dropout, pass_of(0))?;
+        hidden = detach_if(0, hidden);
+        for (i, layer) in self.layers.iter().enumerate() {
+            hidden = layer.forward(&hidden, &bias, self.dropout, pass_of(i + 1))?;
+            hidden = detach_if(i + 1, hidden);
+        }
+        Ok(hidden)
+    }
+
+    fn check_inputs(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<()> {
+        let (batch, len) = match input_ids.dims() {
+            [b, t] => (*b, *t),
+            dims => bail!("input_ids must be [batch, tokens], got shape {dims:?}"),
+        };
+        if !matches!(input_ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            bail!(
+                "input_ids must be integer (u8, u32 or i64), got {:?}",
+                input_ids.dtype()
+            );
+        }
+        if batch == 0 || len == 0 {
+            bail!("empty input: input_ids has shape [{batch}, {len}]");
+        }
+        if len > self.max_positions {
+            bail!(
+                "input of {len} tokens is longer than the model's {} positions; truncate it",
+                self.max_positions
+            );
+        }
+        if attention_mask.dims() != [batch, len] {
+            bail!(
+                "attention_mask has shape {:?}, input_ids [{batch}, {len}]",
+                attention_mask.dims()
+            );
+        }
+        if let Some(types) = token_type_ids {
+            if types.dims() != [batch, len] {
+                bail!(
+                    "token_type_ids has shape {:?}, input_ids [{batch}, {len}]",
+                    types.dims()
+                );
+            }
+        }
+        let device = self.embeddings.words.embeddings().device();
+        let tensors = [Some(input_ids), Some(attention_mask), token_type_ids];
+        if tensors
+            .iter()
+            .flatten()
+            .any(|t| !t.device().same_device(device))
+        {
+            bail!("inputs must be on the model's device ({device:?})");
+        }
+        Ok(())
+    }
+}
