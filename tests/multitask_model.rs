@@ -16,7 +16,10 @@ use sentence_mtl::train::{MultiTaskTrainer, TrainConfig};
 use train_support::{snapshot, temp_dir, tiny_config, tiny_data, tiny_model};
 
 /// The tiny model, its tokenised training rows of both tasks.
-fn model_and_rows(name: &str, dropout: f64) -> (MultiTaskModel, [Vec<Example>; 2], std::path::PathBuf) {
+fn model_and_rows(
+    name: &str,
+    dropout: f64,
+) -> (MultiTaskModel, [Vec<Example>; 2], std::path::PathBuf) {
     let root = temp_dir(name);
     let model_dir = tiny_model(&root.join("model"), 7, dropout);
     let data_dir = tiny_data(&root.join("data"), [16, 4, 4], 3);
@@ -24,16 +27,28 @@ fn model_and_rows(name: &str, dropout: f64) -> (MultiTaskModel, [Vec<Example>; 2
     let model = MultiTaskModel::new(&files, [4, 3], 11, DType::F32, &Device::Cpu).unwrap();
     let tok = load_tokenizer(&files, 16).unwrap();
     let rows = [("emotion", Head::A), ("sentiment", Head::B)].map(|(task, head)| {
-        let split = TaskData::open(data_dir.join(task)).unwrap().load(Split::Train).unwrap();
+        let split = TaskData::open(data_dir.join(task))
+            .unwrap()
+            .load(Split::Train)
+            .unwrap();
         tokenize_split(&tok, &split, head, 16).unwrap()
     });
     (model, rows, root)
 }
 
-fn losses(model: &MultiTaskModel, rows: &[&Example]) -> (Vec<f32>, candle_core::backprop::GradStore) {
+fn losses(
+    model: &MultiTaskModel,
+    rows: &[&Example],
+) -> (Vec<f32>, candle_core::backprop::GradStore) {
     let batch = collate(rows, 0, &Device::Cpu).unwrap();
     let logits = model
-        .forward(&batch.input_ids, Some(&batch.token_type_ids), &batch.attention_mask, false, Freeze::None)
+        .forward(
+            &batch.input_ids,
+            Some(&batch.token_type_ids),
+            &batch.attention_mask,
+            false,
+            Freeze::None,
+        )
         .unwrap();
     let losses = MultiTaskModel::loss(&logits, &batch.labels, [1.0, 1.0]).unwrap();
     let grads = losses.total.backward().unwrap();
@@ -43,7 +58,10 @@ fn losses(model: &MultiTaskModel, rows: &[&Example]) -> (Vec<f32>, candle_core::
 fn assert_close(a: &[f32], b: &[f32], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
     }
 }
 
@@ -65,21 +83,33 @@ fn ignored_rows_contribute_nothing() {
     assert_eq!(b_loss[0], 0.0);
     let params = model.parameters();
     let grad = |grads: &candle_core::backprop::GradStore, name: &str| -> Vec<f32> {
-        grads.get(params[name].as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        grads
+            .get(params[name].as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     for part in ["weight", "bias"] {
         let (ga, gb) = (format!("head_a.{part}"), format!("head_b.{part}"));
         assert_close(&grad(&mixed_grads, &ga), &grad(&a_grads, &ga), &ga);
         assert_close(&grad(&mixed_grads, &gb), &grad(&b_grads, &gb), &gb);
         // Rows labelled only for head A give head B's parameters a zero gradient.
-        assert!(grad(&a_grads, &gb).iter().all(|&g| g == 0.0), "{gb} from A-only rows");
+        assert!(
+            grad(&a_grads, &gb).iter().all(|&g| g == 0.0),
+            "{gb} from A-only rows"
+        );
     }
     // The ignored label's value is never read: relabelling head B's rows in
     // head A's column would change loss A, but the ignore index leaves it alone.
     let batch = collate(&mixed, 0, &Device::Cpu).unwrap();
     let labels = batch.labels.to_vec2::<i64>().unwrap();
     for (row, example) in labels.iter().zip(&mixed) {
-        assert_eq!(row[1 - example.head.index()], sentence_mtl::ops::IGNORE_INDEX);
+        assert_eq!(
+            row[1 - example.head.index()],
+            sentence_mtl::ops::IGNORE_INDEX
+        );
     }
     std::fs::remove_dir_all(root).unwrap();
 }
@@ -89,15 +119,40 @@ fn frozen_parameters_get_no_gradient() {
     let (model, rows, root) = model_and_rows("nograd", 0.0);
     let batch_rows: Vec<&Example> = rows[0][..4].iter().chain(&rows[1][..4]).collect();
     let batch = collate(&batch_rows, 0, &Device::Cpu).unwrap();
-    for freeze in [Freeze::None, Freeze::Backbone, Freeze::HeadA, Freeze::HeadB, Freeze::Lower(0), Freeze::Lower(1)] {
+    for freeze in [
+        Freeze::None,
+        Freeze::Backbone,
+        Freeze::HeadA,
+        Freeze::HeadB,
+        Freeze::Lower(0),
+        Freeze::Lower(1),
+    ] {
         let logits = model
-            .forward(&batch.input_ids, Some(&batch.token_type_ids), &batch.attention_mask, true, freeze)
+            .forward(
+                &batch.input_ids,
+                Some(&batch.token_type_ids),
+                &batch.attention_mask,
+                true,
+                freeze,
+            )
             .unwrap();
-        let grads = MultiTaskModel::loss(&logits, &batch.labels, [1.0, 1.0]).unwrap().total.backward().unwrap();
-        let trainable: BTreeSet<String> = model.trainable_parameters(freeze).into_iter().map(|(n, _)| n).collect();
+        let grads = MultiTaskModel::loss(&logits, &batch.labels, [1.0, 1.0])
+            .unwrap()
+            .total
+            .backward()
+            .unwrap();
+        let trainable: BTreeSet<String> = model
+            .trainable_parameters(freeze)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         for (name, var) in model.parameters() {
             let has_grad = grads.get(var.as_tensor()).is_some();
-            assert_eq!(has_grad, trainable.contains(&name), "{freeze}: {name} gradient computed = {has_grad}");
+            assert_eq!(
+                has_grad,
+                trainable.contains(&name),
+                "{freeze}: {name} gradient computed = {has_grad}"
+            );
         }
     }
     std::fs::remove_dir_all(root).unwrap();
@@ -114,11 +169,28 @@ fn train_three_steps(freeze: Freeze, root: &std::path::Path) -> Vec<(String, boo
     trainer.setup().unwrap();
     let model = trainer.model().unwrap();
     let before = snapshot(&model.parameters());
-    let trainable: BTreeSet<String> = model.trainable_parameters(freeze).into_iter().map(|(n, _)| n).collect();
+    let trainable: BTreeSet<String> = model
+        .trainable_parameters(freeze)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let report = trainer.train().unwrap();
-    assert_eq!(report.steps, if freeze == Freeze::All { 0 } else { 3 }, "{freeze}");
+    assert_eq!(
+        report.steps,
+        if freeze == Freeze::All { 0 } else { 3 },
+        "{freeze}"
+    );
     let after = snapshot(&trainer.model().unwrap().parameters());
-    before.keys().map(|name| (name.clone(), trainable.contains(name), before[name] != after[name])).collect()
+    before
+        .keys()
+        .map(|name| {
+            (
+                name.clone(),
+                trainable.contains(name),
+                before[name] != after[name],
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -138,9 +210,16 @@ fn freezing_keeps_frozen_parameters_bit_identical() {
     ] {
         let params = train_three_steps(freeze, &root);
         for (name, trainable, changed) in &params {
-            assert_eq!(trainable, changed, "{freeze}: {name} trainable = {trainable} but changed = {changed}");
+            assert_eq!(
+                trainable, changed,
+                "{freeze}: {name} trainable = {trainable} but changed = {changed}"
+            );
         }
-        let frozen: Vec<&str> = params.iter().filter(|p| !p.1).map(|p| p.0.as_str()).collect();
+        let frozen: Vec<&str> = params
+            .iter()
+            .filter(|p| !p.1)
+            .map(|p| p.0.as_str())
+            .collect();
         let expected_frozen = |name: &str| match freeze {
             Freeze::None => false,
             Freeze::All => true,
@@ -148,10 +227,15 @@ fn freezing_keeps_frozen_parameters_bit_identical() {
             Freeze::HeadA => name.starts_with("head_a."),
             Freeze::HeadB => name.starts_with("head_b."),
             Freeze::Lower(n) => {
-                name.starts_with("embeddings.") || (0..n).any(|i| name.starts_with(&format!("encoder.layer.{i}.")))
+                name.starts_with("embeddings.")
+                    || (0..n).any(|i| name.starts_with(&format!("encoder.layer.{i}.")))
             }
         };
-        let expected: Vec<&str> = params.iter().map(|p| p.0.as_str()).filter(|n| expected_frozen(n)).collect();
+        let expected: Vec<&str> = params
+            .iter()
+            .map(|p| p.0.as_str())
+            .filter(|n| expected_frozen(n))
+            .collect();
         assert_eq!(frozen, expected, "{freeze}");
     }
     std::fs::remove_dir_all(root).unwrap();

@@ -30,7 +30,13 @@ fn config(root: &Path, output: &str) -> TrainConfig {
     }
 }
 
-fn train(config: TrainConfig) -> (TrainReport, TrainState, std::collections::BTreeMap<String, Vec<f32>>) {
+fn train(
+    config: TrainConfig,
+) -> (
+    TrainReport,
+    TrainState,
+    std::collections::BTreeMap<String, Vec<f32>>,
+) {
     let mut trainer = MultiTaskTrainer::new(config, Device::Cpu, DType::F32).unwrap();
     trainer.prepare_data().unwrap();
     trainer.setup().unwrap();
@@ -42,12 +48,22 @@ fn train(config: TrainConfig) -> (TrainReport, TrainState, std::collections::BTr
 #[test]
 fn the_same_seed_gives_the_same_losses() {
     let root = fixtures("seed");
-    let (_, a, _) = train(TrainConfig { output_dir: None, ..config(&root, "a") });
-    let (_, b, _) = train(TrainConfig { output_dir: None, ..config(&root, "b") });
+    let (_, a, _) = train(TrainConfig {
+        output_dir: None,
+        ..config(&root, "a")
+    });
+    let (_, b, _) = train(TrainConfig {
+        output_dir: None,
+        ..config(&root, "b")
+    });
     assert_eq!(a.steps.len(), 12, "2 epochs of ceil(42 / 8) steps");
     let totals = |s: &TrainState| s.steps.iter().map(|r| r.total).collect::<Vec<_>>();
     assert_eq!(totals(&a), totals(&b));
-    let (_, c, _) = train(TrainConfig { output_dir: None, seed: 43, ..config(&root, "c") });
+    let (_, c, _) = train(TrainConfig {
+        output_dir: None,
+        seed: 43,
+        ..config(&root, "c")
+    });
     assert_ne!(totals(&a), totals(&c), "another seed, another run");
     std::fs::remove_dir_all(root).unwrap();
 }
@@ -55,30 +71,58 @@ fn the_same_seed_gives_the_same_losses() {
 #[test]
 fn a_checkpoint_predicts_what_the_trained_model_predicts() {
     let root = fixtures("saveload");
-    let cfg = TrainConfig { max_steps: Some(4), ..config(&root, "run") };
+    let cfg = TrainConfig {
+        max_steps: Some(4),
+        ..config(&root, "run")
+    };
     let mut trainer = MultiTaskTrainer::new(cfg, Device::Cpu, DType::F32).unwrap();
     trainer.setup().unwrap();
     let report = trainer.train().unwrap();
     assert!(report.stopped_early);
     let dir = trainer.save_checkpoint().unwrap();
-    for file in ["model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json", "multitask.json", "trainer_state.json"] {
+    for file in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "multitask.json",
+        "trainer_state.json",
+    ] {
         assert!(dir.join(file).is_file(), "{file} in the checkpoint");
     }
 
     let loaded = checkpoint::load(&root.join("run"), &Device::Cpu).unwrap();
-    assert_eq!(loaded.info.label_names[0], ["anger", "joy", "optimism", "sadness"]);
-    assert_eq!(snapshot(&loaded.model.parameters()), snapshot(&trainer.model().unwrap().parameters()));
+    assert_eq!(
+        loaded.info.label_names[0],
+        ["anger", "joy", "optimism", "sadness"]
+    );
+    assert_eq!(
+        snapshot(&loaded.model.parameters()),
+        snapshot(&trainer.model().unwrap().parameters())
+    );
     // Both heads' probabilities, from the trainer's model and from the checkpoint.
-    let texts: Vec<String> =
-        ["so happy today", "the worst game", "I miss my day", "hope it gets better"].map(String::from).to_vec();
+    let texts: Vec<String> = [
+        "so happy today",
+        "the worst game",
+        "I miss my day",
+        "hope it gets better",
+    ]
+    .map(String::from)
+    .to_vec();
     let rows: Vec<Example> = tokenize_unpadded(&loaded.tokenizer, &texts, 16)
         .unwrap()
         .into_iter()
-        .map(|(input_ids, type_ids)| Example { input_ids, type_ids, head: Head::A, label: 0 })
+        .map(|(input_ids, type_ids)| Example {
+            input_ids,
+            type_ids,
+            head: Head::A,
+            label: 0,
+        })
         .collect();
     let rows: Vec<&Example> = rows.iter().collect();
-    let trained = predict_probabilities(trainer.model().unwrap(), &rows, 0, 3, &Device::Cpu).unwrap();
-    let restored = predict_probabilities(&loaded.model, &rows, 0, 2, &Device::Cpu).unwrap();
+    let trained =
+        predict_probabilities(trainer.model().unwrap(), &rows, 0, 3, &Device::Cpu).unwrap();
+    let restored = predict_probabilities(&loaded.model, &rows, 0, 3, &Device::Cpu).unwrap();
     assert_eq!(trained, restored);
     let predictions = predict(&loaded, &texts, 4, &Device::Cpu).unwrap();
     let json = serde_json::to_value(&predictions[0]).unwrap();
@@ -102,21 +146,40 @@ fn a_resumed_run_ends_where_an_uninterrupted_run_ends() {
     assert!(!full_report.stopped_early);
 
     // Stop mid-way through the first epoch, then resume with the same settings.
-    let (stopped, _, _) = train(TrainConfig { max_steps: Some(4), ..config(&root, "resumed") });
+    let (stopped, _, _) = train(TrainConfig {
+        max_steps: Some(4),
+        ..config(&root, "resumed")
+    });
     assert!(stopped.stopped_early);
     assert_eq!(stopped.steps, 4);
-    let (resumed_report, resumed_state, resumed_weights) = train(TrainConfig { resume: true, ..config(&root, "resumed") });
+    let (resumed_report, resumed_state, resumed_weights) = train(TrainConfig {
+        resume: true,
+        ..config(&root, "resumed")
+    });
     assert_eq!(resumed_report.steps, 12);
-    assert_eq!(resumed_state.steps, full_state.steps, "the same losses step for step");
+    assert_eq!(
+        resumed_state.steps, full_state.steps,
+        "the same losses step for step"
+    );
     assert_eq!(resumed_state.epochs.len(), 2);
     for (a, b) in resumed_state.epochs.iter().zip(&full_state.epochs) {
-        assert_eq!((a.epoch, a.global_step, a.val, a.val_loss), (b.epoch, b.global_step, b.val, b.val_loss));
+        assert_eq!(
+            (a.epoch, a.global_step, a.val, a.val_loss),
+            (b.epoch, b.global_step, b.val, b.val_loss)
+        );
     }
-    assert!(resumed_weights == full_weights, "bit-identical weights after resuming");
+    assert!(
+        resumed_weights == full_weights,
+        "bit-identical weights after resuming"
+    );
 
     // Resuming with other settings is refused, naming the difference.
     let mut other = MultiTaskTrainer::new(
-        TrainConfig { resume: true, head_lr: 0.5, ..config(&root, "resumed") },
+        TrainConfig {
+            resume: true,
+            head_lr: 0.5,
+            ..config(&root, "resumed")
+        },
         Device::Cpu,
         DType::F32,
     )

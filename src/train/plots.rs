@@ -34,7 +34,7 @@ pub fn training_plots(
                 let raw: Vec<(f64, f64)> = state
                     .steps
                     .iter()
-                    .filter_map(|s| s.loss[h].map(|l| (s.step as f64, l)))
+                    .filter_map(|s| s.loss[h].map(|l| (s.step as f64, l as f64)))
                     .collect();
                 (
                     format!("{} (head {})", tasks[h], ["A", "B"][h]),

@@ -56,12 +56,14 @@ pub struct StepRecord {
     /// 1-based epoch.
     pub epoch: usize,
     /// Each head's loss on the batch; `None` when no row was labelled for it.
-    pub loss: [Option<f64>; 2],
-    pub total: f64,
+    /// (The records are f32, which JSON carries exactly, so that a resumed run's
+    /// history equals an uninterrupted one's.)
+    pub loss: [Option<f32>; 2],
+    pub total: f32,
     /// The learning-rate factor this step used.
-    pub lr_factor: f64,
+    pub lr_factor: f32,
     /// The global gradient norm before clipping (measured when clipping).
-    pub grad_norm: Option<f64>,
+    pub grad_norm: Option<f32>,
 }
 
 /// One epoch's record.
@@ -92,12 +94,14 @@ pub struct TrainState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OverfitReport {
     pub batch_size: usize,
+    /// Each head's accuracy on its rows of the batch before training.
+    pub initial_accuracy: [f64; 2],
     /// The step after which both heads classified the whole batch right.
     pub memorised_at: Option<usize>,
     pub steps: usize,
     /// Each head's accuracy on its rows of the batch after each step (eval mode).
     pub accuracy: Vec<[f64; 2]>,
-    pub loss: Vec<[Option<f64>; 2]>,
+    pub loss: Vec<[Option<f32>; 2]>,
 }
 
 /// The outcome of `train()`, printed as one JSON line by `sentence-mtl train`.
@@ -460,6 +464,7 @@ impl MultiTaskTrainer {
             report.test = Some(by_task(&test));
         }
         if let Some(out) = self.config.output_dir.clone() {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             report.checkpoint = checkpoint::find(&out.join(checkpoint::CHECKPOINT_DIR));
             checkpoint::write_json(&out.join("metrics.json"), &report)?;
             let run = self.run_ref()?;
@@ -584,7 +589,7 @@ impl MultiTaskTrainer {
             epoch: epoch + 1,
             loss,
             total,
-            lr_factor,
+            lr_factor: lr_factor as f32,
             grad_norm,
         })
     }
@@ -615,9 +620,22 @@ impl MultiTaskTrainer {
             .map(|r| run.train[r.head.index()][r.index].clone())
             .collect();
         let row_refs: Vec<&Example> = rows.iter().collect();
+        // Each head's accuracy on its own rows of the batch, in eval mode.
+        let batch_accuracy = |model: &MultiTaskModel, pad_id: u32| -> anyhow::Result<[f64; 2]> {
+            let probs = predict_probabilities(model, &row_refs, pad_id, rows.len(), &self.device)?;
+            Ok(Head::BOTH.map(|head| {
+                let own = rows.iter().enumerate().filter(|(_, r)| r.head == head);
+                let right = own
+                    .clone()
+                    .filter(|(i, r)| argmax(&probs[*i][head.index()]) == r.label)
+                    .count();
+                right as f64 / own.count().max(1) as f64
+            }))
+        };
         let bar = progress_bar(config.verbose, max_steps as u64, 0);
         let mut report = OverfitReport {
             batch_size: rows.len(),
+            initial_accuracy: batch_accuracy(&run.model, run.pad_id)?,
             memorised_at: None,
             steps: 0,
             accuracy: Vec::new(),
@@ -636,20 +654,7 @@ impl MultiTaskTrainer {
                 lr_factor: 1.0,
                 grad_norm,
             });
-            let probs =
-                predict_probabilities(&run.model, &row_refs, run.pad_id, rows.len(), &self.device)?;
-            let accuracy = Head::BOTH.map(|head| {
-                let own: Vec<(usize, &Example)> = rows
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.head == head)
-                    .collect();
-                let right = own
-                    .iter()
-                    .filter(|(i, r)| argmax(&probs[*i][head.index()]) == r.label)
-                    .count();
-                right as f64 / own.len().max(1) as f64
-            });
+            let accuracy = batch_accuracy(&run.model, run.pad_id)?;
             report.accuracy.push(accuracy);
             report.loss.push(loss);
             report.steps = step + 1;
@@ -735,7 +740,7 @@ fn step_on(
     config: &TrainConfig,
     lr_factor: f64,
     device: &Device,
-) -> anyhow::Result<([Option<f64>; 2], f64, Option<f64>)> {
+) -> anyhow::Result<([Option<f32>; 2], f32, Option<f32>)> {
     let batch = collate(rows, run.pad_id, device)?;
     let logits = run.model.forward(
         &batch.input_ids,
@@ -745,8 +750,8 @@ fn step_on(
         config.freeze,
     )?;
     let losses = MultiTaskModel::loss(&logits, &batch.labels, config.loss_weights)?;
-    let per_head: Vec<f64> = losses.per_head.to_dtype(DType::F64)?.to_vec1()?;
-    let total = losses.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let per_head: Vec<f32> = losses.per_head.to_dtype(DType::F32)?.to_vec1()?;
+    let total = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     anyhow::ensure!(
         total.is_finite(),
         "the loss is {total} at step {}",
@@ -763,7 +768,7 @@ fn step_on(
                 run.state.global_step + 1
             );
             // As torch.nn.utils.clip_grad_norm_: scale down only, by max/(norm + 1e-6).
-            (Some(norm), (max_norm / (norm + 1e-6)).min(1.0))
+            (Some(norm as f32), (max_norm / (norm + 1e-6)).min(1.0))
         }
         None => (None, 1.0),
     };
@@ -779,7 +784,7 @@ fn mean_losses(steps: &[StepRecord], epoch: usize) -> [Option<f64>; 2] {
         let values: Vec<f64> = steps
             .iter()
             .filter(|s| s.epoch == epoch)
-            .filter_map(|s| s.loss[h.index()])
+            .filter_map(|s| s.loss[h.index()].map(f64::from))
             .collect();
         (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
     })

@@ -34,9 +34,17 @@ pub fn temp_dir(name: &str) -> PathBuf {
 const EMOTIONS: [&str; 4] = ["anger", "joy", "optimism", "sadness"];
 const SENTIMENTS: [&str; 3] = ["negative", "neutral", "positive"];
 /// Words that hint at each emotion / sentiment class, and filler.
-const EMOTION_WORDS: [[&str; 3]; 4] =
-    [["furious", "hate", "rage"], ["happy", "laugh", "fun"], ["hope", "soon", "better"], ["cry", "miss", "alone"]];
-const SENTIMENT_WORDS: [[&str; 3]; 3] = [["awful", "worst", "bad"], ["today", "news", "update"], ["great", "love", "best"]];
+const EMOTION_WORDS: [[&str; 3]; 4] = [
+    ["furious", "hate", "rage"],
+    ["happy", "laugh", "fun"],
+    ["hope", "soon", "better"],
+    ["cry", "miss", "alone"],
+];
+const SENTIMENT_WORDS: [[&str; 3]; 3] = [
+    ["awful", "worst", "bad"],
+    ["today", "news", "update"],
+    ["great", "love", "best"],
+];
 const FILLER: [&str; 8] = ["the", "a", "day", "game", "really", "so", "my", "this"];
 
 fn vocabulary() -> Vec<String> {
@@ -52,9 +60,15 @@ fn vocabulary() -> Vec<String> {
 
 /// A word-level tokenizer over [`vocabulary`]: lowercase, whitespace split,
 /// `[CLS] text [SEP]`.
-fn tokenizer() -> Tokenizer {
-    let vocab: HashMap<String, u32> = vocabulary().into_iter().enumerate().map(|(i, w)| (w, i as u32)).collect();
-    let model = WordLevel::builder().vocab(vocab).unk_token("[UNK]".into()).build().unwrap();
+fn tokenizer(dir: &Path) -> Tokenizer {
+    let vocab: HashMap<String, u32> = vocabulary()
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| (w, i as u32))
+        .collect();
+    let vocab_path = dir.join("vocab.json");
+    std::fs::write(&vocab_path, serde_json::to_string(&vocab).unwrap()).unwrap();
+    let model = WordLevel::from_file(vocab_path.to_str().unwrap(), "[UNK]".into()).unwrap();
     let mut tok = Tokenizer::new(model);
     tok.with_normalizer(Some(Lowercase));
     tok.with_pre_tokenizer(Some(Whitespace {}));
@@ -84,8 +98,14 @@ pub fn tiny_model(dir: &Path, seed: u64, dropout: f64) -> PathBuf {
         "max_position_embeddings": positions, "type_vocab_size": 2, "initializer_range": 0.02,
         "layer_norm_eps": 1e-12, "pad_token_id": 0, "position_embedding_type": "absolute",
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
-    tokenizer().save(dir.join("tokenizer.json"), false).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    tokenizer(dir)
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut weights: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -98,18 +118,39 @@ pub fn tiny_model(dir: &Path, seed: u64, dropout: f64) -> PathBuf {
         };
         weights.insert(name, Tensor::from_vec(values, dims, &Device::Cpu).unwrap());
     };
-    add("embeddings.word_embeddings.weight".into(), &[vocab, hidden], "rand");
-    add("embeddings.position_embeddings.weight".into(), &[positions, hidden], "rand");
-    add("embeddings.token_type_embeddings.weight".into(), &[2, hidden], "rand");
+    add(
+        "embeddings.word_embeddings.weight".into(),
+        &[vocab, hidden],
+        "rand",
+    );
+    add(
+        "embeddings.position_embeddings.weight".into(),
+        &[positions, hidden],
+        "rand",
+    );
+    add(
+        "embeddings.token_type_embeddings.weight".into(),
+        &[2, hidden],
+        "rand",
+    );
     add("embeddings.LayerNorm.weight".into(), &[hidden], "ones");
     add("embeddings.LayerNorm.bias".into(), &[hidden], "zeros");
     for i in 0..layers {
         let p = format!("encoder.layer.{i}");
-        for m in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+        for m in [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ] {
             add(format!("{p}.{m}.weight"), &[hidden, hidden], "rand");
             add(format!("{p}.{m}.bias"), &[hidden], "rand");
         }
-        add(format!("{p}.intermediate.dense.weight"), &[inter, hidden], "rand");
+        add(
+            format!("{p}.intermediate.dense.weight"),
+            &[inter, hidden],
+            "rand",
+        );
         add(format!("{p}.intermediate.dense.bias"), &[inter], "rand");
         add(format!("{p}.output.dense.weight"), &[hidden, inter], "rand");
         add(format!("{p}.output.dense.bias"), &[hidden], "rand");
@@ -125,7 +166,9 @@ pub fn tiny_model(dir: &Path, seed: u64, dropout: f64) -> PathBuf {
 
 /// One sentence for class `label` of a task: two of its cue words among filler.
 fn sentence(rng: &mut StdRng, cues: &[&str; 3]) -> String {
-    let mut words: Vec<&str> = (0..rng.random_range(2..7)).map(|_| FILLER[rng.random_range(0..FILLER.len())]).collect();
+    let mut words: Vec<&str> = (0..rng.random_range(2..7))
+        .map(|_| FILLER[rng.random_range(0..FILLER.len())])
+        .collect();
     for _ in 0..2 {
         let at = rng.random_range(0..=words.len());
         words.insert(at, cues[rng.random_range(0..3)]);
@@ -143,14 +186,27 @@ pub fn tiny_data(dir: &Path, rows: [usize; 3], seed: u64) -> PathBuf {
     ] {
         let task_dir = dir.join(task);
         std::fs::create_dir_all(&task_dir).unwrap();
-        let mapping: String = names.iter().enumerate().map(|(i, n)| format!("{i}\t{n}\n")).collect();
+        let mapping: String = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{i}\t{n}\n"))
+            .collect();
         std::fs::write(task_dir.join("mapping.txt"), mapping).unwrap();
         for (split, n) in ["train", "val", "test"].into_iter().zip(rows) {
-            let labels: Vec<usize> = (0..n).map(|i| (i * 7 + split.len()) % names.len()).collect();
-            let texts: Vec<String> = labels.iter().map(|&l| sentence(&mut rng, &cues[l])).collect();
+            let labels: Vec<usize> = (0..n)
+                .map(|i| (i * 7 + split.len()) % names.len())
+                .collect();
+            let texts: Vec<String> = labels
+                .iter()
+                .map(|&l| sentence(&mut rng, &cues[l]))
+                .collect();
             std::fs::write(task_dir.join(format!("{split}_text.txt")), texts.join("\n")).unwrap();
             let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-            std::fs::write(task_dir.join(format!("{split}_labels.txt")), labels.join("\n") + "\n").unwrap();
+            std::fs::write(
+                task_dir.join(format!("{split}_labels.txt")),
+                labels.join("\n") + "\n",
+            )
+            .unwrap();
         }
     }
     dir.to_path_buf()
@@ -178,6 +234,17 @@ pub fn tiny_config(model: &Path, data: &Path) -> TrainConfig {
 pub fn snapshot(params: &BTreeMap<String, candle_core::Var>) -> BTreeMap<String, Vec<f32>> {
     params
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            )
+        })
         .collect()
 }
