@@ -1,8 +1,95 @@
-//! `sentence-mtl eval` (being written).
+//! `sentence-mtl eval`: scores a checkpoint on a split of both tasks. The
+//! metrics and the confusion matrices are one JSON line on stdout, a readable
+//! summary goes to stderr, and each task's confusion matrix is drawn as a PNG.
 
-#[derive(Debug, clap::Args)]
-pub struct EvalArgs {}
+use std::path::PathBuf;
 
-pub fn run(_args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::bail!("sentence-mtl eval: not implemented yet")
+use crate::data::{tokenize_split, Head, Split, TaskData};
+use crate::train::checkpoint;
+use crate::train::evaluate::evaluate_split;
+use crate::train::plots;
+
+use super::train::DeviceArgs;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// A checkpoint folder, or the output folder of a training run.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// The TweetEval folder (one folder per task, named as in training).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value_t = Split::Test)]
+    pub split: Split,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Where the confusion-matrix PNGs go (default: the checkpoint's folder).
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    let loaded = checkpoint::load(&args.checkpoint, &device)?;
+    let info = &loaded.info;
+    let tasks = [
+        TaskData::open(args.data.join(&info.tasks[0]))?,
+        TaskData::open(args.data.join(&info.tasks[1]))?,
+    ];
+    for (task, names) in tasks.iter().zip(&info.label_names) {
+        anyhow::ensure!(
+            &task.label_names == names,
+            "{}: labels {:?} differ from the checkpoint's {:?}",
+            task.dir.join("mapping.txt").display(),
+            task.label_names,
+            names
+        );
+    }
+    let examples = [
+        tokenize_split(
+            &loaded.tokenizer,
+            &tasks[0].load(args.split)?,
+            Head::A,
+            info.max_len,
+        )?,
+        tokenize_split(
+            &loaded.tokenizer,
+            &tasks[1].load(args.split)?,
+            Head::B,
+            info.max_len,
+        )?,
+    ];
+    let pad = crate::data::batch::pad_id(&loaded.tokenizer);
+    let report = evaluate_split(
+        &loaded.model,
+        args.split,
+        [&examples[0], &examples[1]],
+        &tasks,
+        pad,
+        args.batch_size,
+        &device,
+    )?;
+
+    let out = args.output.clone().unwrap_or_else(|| loaded.dir.clone());
+    std::fs::create_dir_all(&out)?;
+    for t in &report.tasks {
+        let m = &t.metrics;
+        eprintln!(
+            "{} {} ({} rows): accuracy {:.4} macro-F1 {:.4} macro-recall {:.4} loss {:.4}",
+            t.task, args.split, m.count, m.accuracy, m.macro_f1, m.macro_recall, t.loss
+        );
+        let path = out.join(format!("confusion_{}_{}.png", t.task, args.split));
+        match plots::confusion_matrix(
+            &path,
+            &format!("{} ({}): confusion matrix", t.task, args.split),
+            t,
+        ) {
+            Ok(()) => eprintln!("  confusion matrix: {}", path.display()),
+            Err(e) => eprintln!("  warning: no confusion-matrix plot: {e:#}"),
+        }
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }

@@ -1,8 +1,222 @@
-//! `sentence-mtl train` (being written).
+//! `sentence-mtl train`: fine-tunes the dual-head model on TweetEval.
+//!
+//! The defaults are the reference recipe (`TrainConfig::default()`, the recipe
+//! of `benchmarks/train_torch.py`). Progress and per-epoch metrics go to stderr;
+//! the final metrics are one JSON line on stdout; the checkpoint, `metrics.json`
+//! and the PNG plots go to `--output`.
 
-#[derive(Debug, clap::Args)]
-pub struct TrainArgs {}
+use std::path::PathBuf;
 
-pub fn run(_args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("sentence-mtl train: not implemented yet")
+use candle_core::{DType, Device};
+
+use crate::data::SamplerKind;
+use crate::model::multitask::Freeze;
+use crate::train::{MultiTaskTrainer, OverfitConfig, TrainConfig};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// The TweetEval folder, with one folder per task (`emotion/`, `sentiment/`).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// A local model folder or a Hugging Face repo id.
+    #[arg(long, default_value = crate::model::DEFAULT_MODEL)]
+    pub model: String,
+    /// Head A's task folder.
+    #[arg(long, default_value = "emotion")]
+    pub task_a: String,
+    /// Head B's task folder.
+    #[arg(long, default_value = "sentiment")]
+    pub task_b: String,
+    /// Where the checkpoint, metrics.json and the plots go.
+    #[arg(long, value_name = "DIR", default_value = "runs/mtl")]
+    pub output: PathBuf,
+    /// What to freeze: none, all, backbone, head-a, head-b, embeddings, lower:N
+    /// (the embeddings and the lowest N layers).
+    #[arg(long, default_value = "none")]
+    pub freeze: Freeze,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub eval_batch_size: usize,
+    /// Truncation length in tokens ([CLS] and [SEP] included).
+    #[arg(long, default_value_t = 64)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    pub backbone_lr: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub head_lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Exempt biases and LayerNorm weights from weight decay.
+    #[arg(long)]
+    pub no_decay_bias_norm: bool,
+    /// Fraction of the steps spent in linear warmup.
+    #[arg(long, default_value_t = 0.06)]
+    pub warmup_ratio: f64,
+    /// Clip the global gradient norm to this (no clipping by default).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long, value_enum, default_value_t = SamplerKind::Proportional)]
+    pub sampler: SamplerKind,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Weight of head A's loss in the total.
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_a: f64,
+    /// Weight of head B's loss in the total.
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_b: f64,
+    /// Stop after this many steps (writing a checkpoint); `--resume` carries on.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Also write a checkpoint every N steps.
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
+    /// Overfit mode: memorise one mixed batch of this many rows (8 if no value).
+    #[arg(long, value_name = "ROWS", num_args = 0..=1, default_missing_value = "8")]
+    pub overfit_batch: Option<usize>,
+    /// Overfit mode's step limit.
+    #[arg(long, default_value_t = 30)]
+    pub overfit_steps: usize,
+    /// Carry on from the checkpoint in --output (same settings).
+    #[arg(long)]
+    pub resume: bool,
+    /// Skip the evaluation on the test splits at the end.
+    #[arg(long)]
+    pub no_test: bool,
+    /// No progress bar or log lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Where and in which dtype the model runs (shared by train, eval, predict).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    pub cpu: bool,
+    /// The weights' dtype: f32, bf16, f16 or f64.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl DeviceArgs {
+    pub fn device(&self) -> anyhow::Result<Device> {
+        if self.cpu {
+            Ok(Device::Cpu)
+        } else {
+            Ok(Device::cuda_if_available(0)?)
+        }
+    }
+
+    pub fn dtype(&self) -> anyhow::Result<DType> {
+        match self.dtype.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            "f16" => Ok(DType::F16),
+            "f64" => Ok(DType::F64),
+            other => anyhow::bail!("--dtype {other}: expected f32, bf16, f16 or f64"),
+        }
+    }
+}
+
+impl TrainArgs {
+    pub fn to_config(&self) -> TrainConfig {
+        TrainConfig {
+            data_dir: self.data.clone(),
+            tasks: [self.task_a.clone(), self.task_b.clone()],
+            model: self.model.clone(),
+            output_dir: Some(self.output.clone()),
+            freeze: self.freeze,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            eval_batch_size: self.eval_batch_size,
+            max_len: self.max_len,
+            backbone_lr: self.backbone_lr,
+            head_lr: self.head_lr,
+            weight_decay: self.weight_decay,
+            decay_bias_and_norm: !self.no_decay_bias_norm,
+            adam: Default::default(),
+            warmup_ratio: self.warmup_ratio,
+            max_grad_norm: self.max_grad_norm,
+            sampler: self.sampler,
+            seed: self.seed,
+            loss_weights: [self.weight_a, self.weight_b],
+            max_steps: self.max_steps,
+            checkpoint_every: self.checkpoint_every,
+            overfit: self.overfit_batch.map(|batch_size| OverfitConfig {
+                batch_size,
+                max_steps: self.overfit_steps,
+            }),
+            test_at_end: !self.no_test,
+            verbose: !self.quiet,
+            resume: self.resume,
+        }
+    }
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let mut trainer = MultiTaskTrainer::new(
+        args.to_config(),
+        args.device.device()?,
+        args.device.dtype()?,
+    )?;
+    trainer.prepare_data()?;
+    trainer.setup()?;
+    let report = trainer.train()?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    /// The command's defaults are the recipe: `TrainConfig::default()`.
+    #[test]
+    fn defaults_are_the_recipe() {
+        let args = Cli::parse_from(["train", "--data", "d"]).train;
+        let config = args.to_config();
+        let expected = TrainConfig {
+            data_dir: "d".into(),
+            output_dir: Some("runs/mtl".into()),
+            ..TrainConfig::default()
+        };
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn overfit_and_freeze_flags() {
+        let args = Cli::parse_from([
+            "train",
+            "--data",
+            "d",
+            "--overfit-batch",
+            "--freeze",
+            "lower:2",
+        ])
+        .train;
+        let config = args.to_config();
+        assert_eq!(
+            config.overfit,
+            Some(OverfitConfig {
+                batch_size: 8,
+                max_steps: 30
+            })
+        );
+        assert_eq!(config.freeze, Freeze::Lower(2));
+        assert!(Cli::try_parse_from(["train", "--data", "d", "--freeze", "some"]).is_err());
+    }
 }

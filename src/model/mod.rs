@@ -12,6 +12,8 @@
 //! - [`bert`]: [`BertEncoder`], the transformer itself.
 //! - [`tokenize`]: tokenizer loading and batch encoding to tensors.
 //! - [`encoder`]: [`SentenceEncoder`], sentences in, embeddings out.
+//! - [`multitask`]: [`MultiTaskModel`](multitask::MultiTaskModel), the encoder
+//!   with two classification heads, and the freezing settings.
 
 pub mod bert;
 pub mod checkpoint;
@@ -19,6 +21,7 @@ pub mod config;
 pub mod encoder;
 
 pub mod layers;
+pub mod multitask;
 pub mod resolve;
 pub mod tokenize;
 

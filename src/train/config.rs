@@ -1,0 +1,176 @@
+//! Everything a training run is configured by. [`TrainConfig::default`] is the
+//! reference recipe the PyTorch baseline was measured with (see
+//! `benchmarks/train_torch.py`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamWParams;
+use crate::data::SamplerKind;
+use crate::model::multitask::Freeze;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The TweetEval folder holding one folder per task.
+    pub data_dir: PathBuf,
+    /// The task folders of head A and head B.
+    pub tasks: [String; 2],
+    /// A local model folder or a Hugging Face repo id.
+    pub model: String,
+    /// Where checkpoints, metrics and plots go; `None` writes nothing.
+    pub output_dir: Option<PathBuf>,
+    pub freeze: Freeze,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    /// Truncation length in tokens, special tokens included.
+    pub max_len: usize,
+    pub backbone_lr: f64,
+    pub head_lr: f64,
+    pub weight_decay: f64,
+    /// Whether biases and LayerNorm weights get weight decay too (the recipe:
+    /// yes; `false` is the BERT paper's exemption).
+    pub decay_bias_and_norm: bool,
+    pub adam: AdamWParams,
+    /// Fraction of all optimiser steps spent warming up linearly.
+    pub warmup_ratio: f64,
+    /// Clip the global gradient norm to this (off when `None`).
+    pub max_grad_norm: Option<f64>,
+    pub sampler: SamplerKind,
+    pub seed: u64,
+    /// `w_a`, `w_b` in `total = w_a·loss_a + w_b·loss_b`.
+    pub loss_weights: [f64; 2],
+    /// Stop after this many optimiser steps in all (a checkpoint is written at
+    /// the stop); the schedule is still that of the full run, so `--resume`
+    /// carries on as if it had not stopped.
+    pub max_steps: Option<usize>,
+    /// Also write a checkpoint every this many steps (besides each epoch's end).
+    pub checkpoint_every: Option<usize>,
+    /// Overfit mode: memorise one mixed batch instead of training.
+    pub overfit: Option<OverfitConfig>,
+    /// Evaluate on the test splits after training.
+    pub test_at_end: bool,
+    /// Progress bar (terminals only) and log lines on stderr.
+    pub verbose: bool,
+    /// Carry on from the checkpoint in `output_dir`.
+    pub resume: bool,
+}
+
+/// Overfit mode: train on one batch (half head A, half head B) at a constant
+/// learning rate, checking after every step whether it is memorised.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OverfitConfig {
+    pub batch_size: usize,
+    pub max_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data/tweeteval"),
+            tasks: ["emotion".into(), "sentiment".into()],
+            model: crate::model::DEFAULT_MODEL.into(),
+            output_dir: None,
+            freeze: Freeze::None,
+            epochs: 3,
+            batch_size: 32,
+            eval_batch_size: 64,
+            max_len: 64,
+            backbone_lr: 5e-5,
+            head_lr: 1e-3,
+            weight_decay: 0.01,
+            decay_bias_and_norm: true,
+            adam: AdamWParams::default(),
+            warmup_ratio: 0.06,
+            max_grad_norm: None,
+            sampler: SamplerKind::Proportional,
+            seed: 42,
+            loss_weights: [1.0, 1.0],
+            max_steps: None,
+            checkpoint_every: None,
+            overfit: None,
+            test_at_end: true,
+            verbose: true,
+            resume: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.epochs >= 1, "epochs must be at least 1");
+        anyhow::ensure!(
+            self.batch_size >= 1 && self.eval_batch_size >= 1,
+            "batch sizes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_len >= 2,
+            "max_len must be at least 2 ([CLS] and [SEP])"
+        );
+        for (name, lr) in [("backbone_lr", self.backbone_lr), ("head_lr", self.head_lr)] {
+            anyhow::ensure!(
+                lr.is_finite() && lr >= 0.0,
+                "{name} must be a finite non-negative number, got {lr}"
+            );
+        }
+        anyhow::ensure!(
+            self.weight_decay >= 0.0,
+            "weight_decay must be non-negative"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.warmup_ratio),
+            "warmup_ratio must be in [0, 1]"
+        );
+        if let Some(norm) = self.max_grad_norm {
+            anyhow::ensure!(norm > 0.0, "max_grad_norm must be positive");
+        }
+        anyhow::ensure!(
+            self.loss_weights.iter().all(|w| w.is_finite() && *w >= 0.0),
+            "loss weights must be non-negative"
+        );
+        if let Some(o) = self.overfit {
+            anyhow::ensure!(
+                o.batch_size >= 2,
+                "the overfit batch needs at least 2 rows (one per task)"
+            );
+            anyhow::ensure!(o.max_steps >= 1, "overfit mode needs at least one step");
+        }
+        anyhow::ensure!(
+            !self.resume || self.output_dir.is_some(),
+            "--resume needs --output, the folder to resume from"
+        );
+        Ok(())
+    }
+
+    /// The fields that shape the training trajectory; a resumed run must agree
+    /// with its checkpoint on all of them to carry on the same run.
+    pub fn trajectory_differences(&self, saved: &TrainConfig) -> Vec<String> {
+        let strip = |c: &TrainConfig| {
+            let mut c = c.clone();
+            c.data_dir = PathBuf::new();
+            c.model = String::new();
+            c.output_dir = None;
+            c.max_steps = None;
+            c.checkpoint_every = None;
+            c.eval_batch_size = 0;
+            c.test_at_end = false;
+            c.verbose = false;
+            c.resume = false;
+            serde_json::to_value(c).expect("config to JSON")
+        };
+        let (now, then) = (strip(self), strip(saved));
+        let (serde_json::Value::Object(now), serde_json::Value::Object(then)) = (now, then) else {
+            unreachable!("a struct serialises to an object")
+        };
+        now.iter()
+            .filter(|(k, v)| then.get(*k) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: checkpoint has {}, now {v}",
+                    then.get(k).unwrap_or(&serde_json::Value::Null)
+                )
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,114 @@
+//! Inference over tokenised examples and the per-task evaluation of a split.
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::metrics::{ConfusionMatrix, TaskMetrics};
+use crate::data::{collate, Example, Head, Split, TaskData};
+use crate::model::multitask::{Freeze, MultiTaskModel};
+
+/// Both heads' class probabilities for each row, in input order.
+///
+/// Rows are batched in order of length so that little padding is computed
+/// (padding does not change a row's result: the mask keeps it out).
+pub fn predict_probabilities(
+    model: &MultiTaskModel,
+    rows: &[&Example],
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+) -> anyhow::Result<Vec<[Vec<f32>; 2]>> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| rows[i].input_ids.len());
+    let mut out = vec![[Vec::new(), Vec::new()]; rows.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch_rows: Vec<&Example> = chunk.iter().map(|&i| rows[i]).collect();
+        let batch = collate(&batch_rows, pad_id, device)?;
+        let logits = model.forward(
+            &batch.input_ids,
+            Some(&batch.token_type_ids),
+            &batch.attention_mask,
+            false,
+            Freeze::All,
+        )?;
+        let probs = [softmax_rows(&logits.a)?, softmax_rows(&logits.b)?];
+        for (j, &i) in chunk.iter().enumerate() {
+            out[i] = [probs[0][j].clone(), probs[1][j].clone()];
+        }
+    }
+    Ok(out)
+}
+
+fn softmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()
+}
+
+/// The index of the largest value (the first one on ties).
+pub fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, &v)| if v > values[best] { i } else { best })
+}
+
+/// One task's results on a split.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskEval {
+    pub task: String,
+    pub label_names: Vec<String>,
+    pub metrics: TaskMetrics,
+    /// Mean cross-entropy of the head on its task's rows.
+    pub loss: f64,
+    pub confusion: ConfusionMatrix,
+}
+
+/// Both tasks' results on a split.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub split: Split,
+    pub tasks: [TaskEval; 2],
+}
+
+/// Evaluates each head on its own task's examples of a split.
+pub fn evaluate_split(
+    model: &MultiTaskModel,
+    split: Split,
+    examples: [&[Example]; 2],
+    tasks: &[TaskData; 2],
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+) -> anyhow::Result<EvalReport> {
+    let eval_task = |head: Head| -> anyhow::Result<TaskEval> {
+        let rows: Vec<&Example> = examples[head.index()].iter().collect();
+        let task = &tasks[head.index()];
+        anyhow::ensure!(
+            !rows.is_empty(),
+            "the {split} split of task '{}' has no examples",
+            task.name
+        );
+        let probs = predict_probabilities(model, &rows, pad_id, batch_size, device)?;
+        let labels: Vec<usize> = rows.iter().map(|r| r.label).collect();
+        let own: Vec<&[f32]> = probs.iter().map(|p| p[head.index()].as_slice()).collect();
+        let predictions: Vec<usize> = own.iter().map(|p| argmax(p)).collect();
+        let loss = own
+            .iter()
+            .zip(&labels)
+            .map(|(p, &l)| -(p[l].max(f32::MIN_POSITIVE) as f64).ln())
+            .sum::<f64>()
+            / labels.len() as f64;
+        let confusion =
+            ConfusionMatrix::new(model.num_classes()[head.index()], &labels, &predictions)?;
+        Ok(TaskEval {
+            task: task.name.clone(),
+            label_names: task.label_names.clone(),
+            metrics: confusion.metrics(),
+            loss,
+            confusion,
+        })
+    };
+    Ok(EvalReport {
+        split,
+        tasks: [eval_task(Head::A)?, eval_task(Head::B)?],
+    })
+}

@@ -1,0 +1,852 @@
+//! [`MultiTaskTrainer`]: `prepare_data()` loads and validates both tasks,
+//! `setup()` tokenises them and builds the model and the optimiser (or restores
+//! them from a checkpoint), `train()` runs the epochs (or overfit mode) and
+//! `evaluate()` scores a split.
+//!
+//! One training step: collate a mixed batch, forward with dropout, the fused
+//! dual-head loss, backward, optional clipping of the global gradient norm, and
+//! an AdamW step at the scheduled learning rates. After each epoch both heads
+//! are scored on the validation splits and a checkpoint is written atomically.
+//!
+//! Determinism: batches are a function of `(seed, epoch)` and the heads are
+//! initialised from the seed, so with dropout off (or seeded in the encoder) the
+//! same seed gives the same losses on the CPU, and a resumed run the same result
+//! as one that never stopped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use super::checkpoint::{self, RunInfo};
+use super::config::TrainConfig;
+use super::evaluate::{argmax, evaluate_split, predict_probabilities, EvalReport};
+use super::metrics::TaskMetrics;
+use super::optim::{AdamW, ParamGroup};
+use super::plots;
+use super::schedule::LrSchedule;
+use crate::data::batch::pad_id;
+use crate::data::sampler::epoch_rng;
+use crate::data::{
+    collate, epoch_batches, tokenize_split, Example, ExampleRef, Head, Split, TaskData, TaskSplit,
+};
+use crate::model::multitask::{Freeze, MultiTaskModel};
+use crate::model::tokenize::load_tokenizer;
+use crate::model::{resolve_model, ModelFiles};
+
+/// Both tasks' folders and the splits training reads, validated.
+#[derive(Debug, Clone)]
+pub struct PreparedData {
+    pub tasks: [TaskData; 2],
+    pub train: [TaskSplit; 2],
+    pub val: [TaskSplit; 2],
+}
+
+/// One optimiser step's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Steps taken, this one included.
+    pub step: usize,
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Each head's loss on the batch; `None` when no row was labelled for it.
+    /// (The records are f32, which JSON carries exactly, so that a resumed run's
+    /// history equals an uninterrupted one's.)
+    pub loss: [Option<f32>; 2],
+    pub total: f32,
+    /// The learning-rate factor this step used.
+    pub lr_factor: f32,
+    /// The global gradient norm before clipping (measured when clipping).
+    pub grad_norm: Option<f32>,
+}
+
+/// One epoch's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: usize,
+    pub global_step: usize,
+    /// Each head's mean batch loss over the epoch.
+    pub train_loss: [Option<f64>; 2],
+    pub val: [TaskMetrics; 2],
+    pub val_loss: [f64; 2],
+    /// Wall time of the epoch's training steps (validation excluded).
+    pub train_seconds: f64,
+}
+
+/// What a checkpoint remembers of the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub global_step: usize,
+    pub steps: Vec<StepRecord>,
+    pub epochs: Vec<EpochRecord>,
+    /// Wall time of all training steps so far.
+    pub train_seconds: f64,
+}
+
+/// Overfit mode's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OverfitReport {
+    pub batch_size: usize,
+    /// Each head's accuracy on its rows of the batch before training.
+    pub initial_accuracy: [f64; 2],
+    /// The step after which both heads classified the whole batch right.
+    pub memorised_at: Option<usize>,
+    pub steps: usize,
+    /// Each head's accuracy on its rows of the batch after each step (eval mode).
+    pub accuracy: Vec<[f64; 2]>,
+    pub loss: Vec<[Option<f32>; 2]>,
+}
+
+/// The outcome of `train()`, printed as one JSON line by `sentence-mtl train`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub tasks: [String; 2],
+    pub freeze: Freeze,
+    pub steps: usize,
+    pub epochs_completed: usize,
+    /// `max_steps` stopped the run before its last epoch ended.
+    pub stopped_early: bool,
+    pub train_seconds: f64,
+    pub seconds_per_step: Option<f64>,
+    /// Validation metrics after the last completed epoch, by task.
+    pub val: Option<BTreeMap<String, TaskMetrics>>,
+    /// Test metrics at the end, by task.
+    pub test: Option<BTreeMap<String, TaskMetrics>>,
+    pub overfit: Option<OverfitReport>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The model, data and optimiser of a run, built by `setup()`.
+struct Run {
+    model: MultiTaskModel,
+    tokenizer: Tokenizer,
+    pad_id: u32,
+    /// Where the checkpoint copies `config.json` and `tokenizer.json` from.
+    model_files: ModelFiles,
+    train: [Vec<Example>; 2],
+    val: [Vec<Example>; 2],
+    /// `None` when nothing trains (`Freeze::All`).
+    optimizer: Option<AdamW>,
+    steps_per_epoch: usize,
+    schedule: LrSchedule,
+    state: TrainState,
+}
+
+pub struct MultiTaskTrainer {
+    config: TrainConfig,
+    device: Device,
+    dtype: DType,
+    data: Option<PreparedData>,
+    run: Option<Run>,
+}
+
+impl MultiTaskTrainer {
+    pub fn new(config: TrainConfig, device: Device, dtype: DType) -> anyhow::Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            device,
+            dtype,
+            data: None,
+            run: None,
+        })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The model, once `setup()` has built it.
+    pub fn model(&self) -> Option<&MultiTaskModel> {
+        self.run.as_ref().map(|r| &r.model)
+    }
+
+    /// The run's history, once `setup()` has run.
+    pub fn state(&self) -> Option<&TrainState> {
+        self.run.as_ref().map(|r| &r.state)
+    }
+
+    pub fn data(&self) -> Option<&PreparedData> {
+        self.data.as_ref()
+    }
+
+    /// Loads both tasks' mappings and their train and validation splits,
+    /// failing with the file and line of the first problem.
+    pub fn prepare_data(&mut self) -> anyhow::Result<&PreparedData> {
+        let open = |name: &str| TaskData::open(self.config.data_dir.join(name));
+        let tasks = [open(&self.config.tasks[0])?, open(&self.config.tasks[1])?];
+        let load = |split: Split| -> anyhow::Result<[TaskSplit; 2]> {
+            Ok([tasks[0].load(split)?, tasks[1].load(split)?])
+        };
+        let (train, val) = (load(Split::Train)?, load(Split::Val)?);
+        Ok(self.data.insert(PreparedData { tasks, train, val }))
+    }
+
+    /// Tokenises the data and builds the model and the optimiser: fresh from the
+    /// base model, or from the checkpoint in the output folder with `resume`.
+    pub fn setup(&mut self) -> anyhow::Result<()> {
+        if self.data.is_none() {
+            self.prepare_data()?;
+        }
+        let data = self.data.as_ref().expect("prepared");
+        let config = &self.config;
+        let num_classes = [data.tasks[0].num_classes(), data.tasks[1].num_classes()];
+        let (model, model_files, resumed) = if config.resume {
+            let out = config
+                .output_dir
+                .as_deref()
+                .expect("validated: resume has an output folder");
+            let dir = checkpoint::locate(out).context("--resume")?;
+            let info: RunInfo = checkpoint::read_json(&dir.join(checkpoint::RUN_FILE))?;
+            let differences = config.trajectory_differences(&info.config);
+            anyhow::ensure!(
+                differences.is_empty(),
+                "--resume: the settings differ from the checkpoint's in {}:\n  {}",
+                dir.display(),
+                differences.join("\n  ")
+            );
+            anyhow::ensure!(
+                info.num_classes() == num_classes,
+                "--resume: the data's label counts differ from the checkpoint's"
+            );
+            let files = checkpoint::model_files(&dir);
+            let model = MultiTaskModel::load(&files, num_classes, self.dtype, &self.device)?;
+            (model, files, Some(dir))
+        } else {
+            let files = resolve_model(&config.model)?;
+            let model =
+                MultiTaskModel::new(&files, num_classes, config.seed, self.dtype, &self.device)?;
+            (model, files, None)
+        };
+        let tokenizer = load_tokenizer(&model_files, config.max_len)?;
+        let tokenize = |splits: &[TaskSplit; 2]| -> anyhow::Result<[Vec<Example>; 2]> {
+            Ok([
+                tokenize_split(&tokenizer, &splits[0], Head::A, config.max_len)?,
+                tokenize_split(&tokenizer, &splits[1], Head::B, config.max_len)?,
+            ])
+        };
+        let (train, val) = (tokenize(&data.train)?, tokenize(&data.val)?);
+
+        let optimizer = self.build_optimizer(&model)?;
+        let (steps_per_epoch, schedule) = match config.overfit {
+            Some(_) => (1, LrSchedule::Constant),
+            None => {
+                let per_epoch = epoch_batches(
+                    config.sampler,
+                    [train[0].len(), train[1].len()],
+                    config.batch_size,
+                    config.seed,
+                    0,
+                )
+                .len();
+                (
+                    per_epoch,
+                    LrSchedule::linear(config.warmup_ratio, per_epoch * config.epochs),
+                )
+            }
+        };
+        let mut run = Run {
+            pad_id: pad_id(&tokenizer),
+            model,
+            tokenizer,
+            model_files,
+            train,
+            val,
+            optimizer,
+            steps_per_epoch,
+            schedule,
+            state: TrainState::default(),
+        };
+        if let Some(dir) = resumed {
+            run.state = checkpoint::read_json(&dir.join(checkpoint::STATE_FILE))?;
+            if let Some(opt) = run.optimizer.as_mut() {
+                let saved = checkpoint::read_safetensors(
+                    &dir.join(checkpoint::OPTIMIZER_FILE),
+                    &self.device,
+                )?;
+                opt.load_state_tensors(&saved)
+                    .with_context(|| format!("restoring the optimiser from {}", dir.display()))?;
+            }
+        }
+        self.log_setup(&run, data);
+        self.run = Some(run);
+        Ok(())
+    }
+
+    fn log_setup(&self, run: &Run, data: &PreparedData) {
+        let c = &self.config;
+        let quiet = ProgressBar::hidden();
+        let sizes = |h: usize| {
+            format!(
+                "{} train {} val {}",
+                c.tasks[h],
+                data.train[h].len(),
+                data.val[h].len()
+            )
+        };
+        log(
+            c.verbose,
+            &quiet,
+            &format!("data: {} | {}", sizes(0), sizes(1)),
+        );
+        let groups = run.optimizer.as_ref().map_or_else(
+            || "nothing".to_string(),
+            |opt| {
+                opt.group_summary()
+                    .iter()
+                    .map(|(name, lr, tensors, elems)| {
+                        format!("{name} lr {lr:e} ({tensors} tensors, {elems} values)")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        log(
+            c.verbose,
+            &quiet,
+            &format!(
+                "model: {} layers, hidden {}, freeze {}; training {groups}",
+                run.model.num_layers(),
+                run.model.hidden_size(),
+                c.freeze
+            ),
+        );
+        if let LrSchedule::LinearWarmupDecay {
+            warmup_steps,
+            total_steps,
+        } = run.schedule
+        {
+            log(
+                c.verbose,
+                &quiet,
+                &format!(
+                    "{} steps per epoch, {total_steps} in all, {warmup_steps} of warmup{}",
+                    run.steps_per_epoch,
+                    if run.state.global_step > 0 {
+                        format!("; resuming after step {}", run.state.global_step)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+        }
+    }
+
+    /// AdamW over the trainable parameters: backbone and heads in separate
+    /// groups (their own learning rates), each split once more when biases and
+    /// LayerNorm weights are exempt from weight decay.
+    fn build_optimizer(&self, model: &MultiTaskModel) -> anyhow::Result<Option<AdamW>> {
+        let c = &self.config;
+        let mut groups: Vec<ParamGroup> = Vec::new();
+        for (name, var) in model.trainable_parameters(c.freeze) {
+            let is_head = name.starts_with("head_");
+            let no_decay =
+                !c.decay_bias_and_norm && (name.ends_with(".bias") || name.contains("LayerNorm"));
+            let group_name = format!(
+                "{}{}",
+                if is_head { "heads" } else { "backbone" },
+                if no_decay { "_no_decay" } else { "" }
+            );
+            let group = match groups.iter_mut().position(|g| g.name == group_name) {
+                Some(i) => &mut groups[i],
+                None => {
+                    groups.push(ParamGroup {
+                        name: group_name,
+                        lr: if is_head { c.head_lr } else { c.backbone_lr },
+                        weight_decay: if no_decay { 0.0 } else { c.weight_decay },
+                        params: Vec::new(),
+                    });
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            group.params.push((name, var));
+        }
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(AdamW::new(groups, c.adam)?))
+    }
+
+    fn run_ref(&self) -> anyhow::Result<&Run> {
+        self.run.as_ref().context("call setup() first")
+    }
+
+    /// Scores both heads on a split of their tasks.
+    pub fn evaluate(&self, split: Split) -> anyhow::Result<EvalReport> {
+        let run = self.run_ref()?;
+        let data = self.data.as_ref().context("call prepare_data() first")?;
+        let loaded;
+        let examples: [&[Example]; 2] = match split {
+            Split::Train => [&run.train[0], &run.train[1]],
+            Split::Val => [&run.val[0], &run.val[1]],
+            Split::Test => {
+                let splits = [data.tasks[0].load(split)?, data.tasks[1].load(split)?];
+                loaded = [
+                    tokenize_split(&run.tokenizer, &splits[0], Head::A, self.config.max_len)?,
+                    tokenize_split(&run.tokenizer, &splits[1], Head::B, self.config.max_len)?,
+                ];
+                [&loaded[0], &loaded[1]]
+            }
+        };
+        evaluate_split(
+            &run.model,
+            split,
+            examples,
+            &data.tasks,
+            run.pad_id,
+            self.config.eval_batch_size,
+            &self.device,
+        )
+    }
+
+    /// Trains (or, in overfit mode, memorises one batch), then evaluates on the
+    /// test splits if configured. With [`Freeze::All`] nothing trains: the model
+    /// as loaded is evaluated and saved, and no step is taken.
+    pub fn train(&mut self) -> anyhow::Result<TrainReport> {
+        if self.run.is_none() {
+            self.setup()?;
+        }
+        let mut report = TrainReport {
+            tasks: self.config.tasks.clone(),
+            freeze: self.config.freeze,
+            steps: 0,
+            epochs_completed: 0,
+            stopped_early: false,
+            train_seconds: 0.0,
+            seconds_per_step: None,
+            val: None,
+            test: None,
+            overfit: None,
+            checkpoint: None,
+        };
+        if let Some(overfit) = self.config.overfit {
+            report.overfit = Some(self.overfit(overfit.batch_size, overfit.max_steps)?);
+        } else if self.run_ref()?.optimizer.is_none() {
+            log(
+                self.config.verbose,
+                &ProgressBar::hidden(),
+                "freeze=all: nothing trains; evaluating the model as it is",
+            );
+            let val = self.evaluate(Split::Val)?;
+            log(
+                self.config.verbose,
+                &ProgressBar::hidden(),
+                &format!("val: {}", describe(&self.config.tasks, &val)),
+            );
+            report.val = Some(by_task(&val));
+            self.save_if_configured()?;
+        } else {
+            report.stopped_early = self.train_epochs()?;
+        }
+        let run = self.run_ref()?;
+        report.steps = run.state.global_step;
+        report.epochs_completed = run.state.epochs.len();
+        report.train_seconds = run.state.train_seconds;
+        report.seconds_per_step =
+            (report.steps > 0).then(|| run.state.train_seconds / report.steps as f64);
+        if let Some(last) = run.state.epochs.last() {
+            report.val = Some(self.config.tasks.iter().cloned().zip(last.val).collect());
+        }
+        if self.config.test_at_end && !report.stopped_early && self.config.overfit.is_none() {
+            let test = self.evaluate(Split::Test)?;
+            log(
+                self.config.verbose,
+                &ProgressBar::hidden(),
+                &format!("test: {}", describe(&self.config.tasks, &test)),
+            );
+            report.test = Some(by_task(&test));
+        }
+        if let Some(out) = self.config.output_dir.clone() {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            report.checkpoint = checkpoint::find(&out.join(checkpoint::CHECKPOINT_DIR));
+            checkpoint::write_json(&out.join("metrics.json"), &report)?;
+            let run = self.run_ref()?;
+            if let Err(e) = plots::training_plots(
+                &out,
+                &self.config.tasks,
+                &run.state,
+                report.overfit.as_ref(),
+            ) {
+                eprintln!("warning: no plots: {e:#}");
+            }
+        }
+        Ok(report)
+    }
+
+    /// The epoch loop; returns whether `max_steps` stopped it early.
+    fn train_epochs(&mut self) -> anyhow::Result<bool> {
+        let (steps_per_epoch, total_steps, start) = {
+            let run = self.run_ref()?;
+            (
+                run.steps_per_epoch,
+                run.steps_per_epoch * self.config.epochs,
+                run.state.global_step,
+            )
+        };
+        let stop_at = self
+            .config
+            .max_steps
+            .map_or(total_steps, |m| m.min(total_steps));
+        let bar = progress_bar(self.config.verbose, total_steps as u64, start as u64);
+        let sizes = {
+            let run = self.run_ref()?;
+            [run.train[0].len(), run.train[1].len()]
+        };
+        for epoch in start / steps_per_epoch..self.config.epochs {
+            let batches = epoch_batches(
+                self.config.sampler,
+                sizes,
+                self.config.batch_size,
+                self.config.seed,
+                epoch,
+            );
+            debug_assert_eq!(batches.len(), steps_per_epoch);
+            let skip = self.run_ref()?.state.global_step - epoch * steps_per_epoch;
+            let started = Instant::now();
+            for refs in &batches[skip..] {
+                if self.run_ref()?.state.global_step >= stop_at {
+                    bar.finish_and_clear();
+                    self.save_if_configured()?;
+                    log(
+                        self.config.verbose,
+                        &bar,
+                        &format!("stopped after {stop_at} steps (max_steps)"),
+                    );
+                    return Ok(true);
+                }
+                let record = self.train_step(refs, epoch)?;
+                let run = self.run.as_mut().expect("setup");
+                run.state.steps.push(record);
+                bar.set_message(running_losses(
+                    &run.state.steps,
+                    epoch + 1,
+                    &self.config.tasks,
+                    epoch + 1,
+                    self.config.epochs,
+                ));
+                bar.inc(1);
+                let step = run.state.global_step;
+                if self.config.checkpoint_every.is_some_and(|n| step % n == 0)
+                    && step % steps_per_epoch != 0
+                {
+                    self.save_if_configured()?;
+                }
+            }
+            let epoch_seconds = started.elapsed().as_secs_f64();
+            let val = self.evaluate(Split::Val)?;
+            let run = self.run.as_mut().expect("setup");
+            let record = EpochRecord {
+                epoch: epoch + 1,
+                global_step: run.state.global_step,
+                train_loss: mean_losses(&run.state.steps, epoch + 1),
+                val: [val.tasks[0].metrics, val.tasks[1].metrics],
+                val_loss: [val.tasks[0].loss, val.tasks[1].loss],
+                train_seconds: epoch_seconds,
+            };
+            log(
+                self.config.verbose,
+                &bar,
+                &format!(
+                    "epoch {}/{} ({} steps, {:.1}s, {:.3}s/step): val {}",
+                    epoch + 1,
+                    self.config.epochs,
+                    batches.len() - skip,
+                    epoch_seconds,
+                    epoch_seconds / (batches.len() - skip).max(1) as f64,
+                    describe(&self.config.tasks, &val)
+                ),
+            );
+            run.state.epochs.push(record);
+            self.save_if_configured()?;
+        }
+        bar.finish_and_clear();
+        Ok(false)
+    }
+
+    /// One optimiser step on the rows `refs` of the training sets.
+    fn train_step(&mut self, refs: &[ExampleRef], epoch: usize) -> anyhow::Result<StepRecord> {
+        let run = self.run.as_mut().context("call setup() first")?;
+        // Owned copies (a few short id vectors) so that the step can borrow the run mutably.
+        let rows: Vec<Example> = refs
+            .iter()
+            .map(|r| run.train[r.head.index()][r.index].clone())
+            .collect();
+        let rows: Vec<&Example> = rows.iter().collect();
+        let lr_factor = run.schedule.factor(run.state.global_step);
+        let started = Instant::now();
+        let (loss, total, grad_norm) = step_on(run, &rows, &self.config, lr_factor, &self.device)?;
+        run.state.train_seconds += started.elapsed().as_secs_f64();
+        run.state.global_step += 1;
+        Ok(StepRecord {
+            step: run.state.global_step,
+            epoch: epoch + 1,
+            loss,
+            total,
+            lr_factor: lr_factor as f32,
+            grad_norm,
+        })
+    }
+
+    /// Overfit mode: one batch, half head A and half head B (a seeded pick from
+    /// the training sets), trained at constant learning rates until both heads
+    /// get every row right in eval mode, or `max_steps`.
+    fn overfit(&mut self, batch_size: usize, max_steps: usize) -> anyhow::Result<OverfitReport> {
+        let config = self.config.clone();
+        let run = self.run.as_mut().context("call setup() first")?;
+        anyhow::ensure!(
+            run.optimizer.is_some(),
+            "overfit mode needs something to train (freeze=all trains nothing)"
+        );
+        let mut rng = epoch_rng(config.seed, 0);
+        let mut pick = |head: Head, n: usize| -> Vec<ExampleRef> {
+            let mut all: Vec<ExampleRef> = (0..run.train[head.index()].len())
+                .map(|index| ExampleRef { head, index })
+                .collect();
+            all.shuffle(&mut rng);
+            all.truncate(n);
+            all
+        };
+        let mut refs = pick(Head::A, batch_size.div_ceil(2));
+        refs.extend(pick(Head::B, batch_size / 2));
+        let rows: Vec<Example> = refs
+            .iter()
+            .map(|r| run.train[r.head.index()][r.index].clone())
+            .collect();
+        let row_refs: Vec<&Example> = rows.iter().collect();
+        // Each head's accuracy on its own rows of the batch, in eval mode.
+        let batch_accuracy = |model: &MultiTaskModel, pad_id: u32| -> anyhow::Result<[f64; 2]> {
+            let probs = predict_probabilities(model, &row_refs, pad_id, rows.len(), &self.device)?;
+            Ok(Head::BOTH.map(|head| {
+                let own = rows.iter().enumerate().filter(|(_, r)| r.head == head);
+                let right = own
+                    .clone()
+                    .filter(|(i, r)| argmax(&probs[*i][head.index()]) == r.label)
+                    .count();
+                right as f64 / own.count().max(1) as f64
+            }))
+        };
+        let bar = progress_bar(config.verbose, max_steps as u64, 0);
+        let mut report = OverfitReport {
+            batch_size: rows.len(),
+            initial_accuracy: batch_accuracy(&run.model, run.pad_id)?,
+            memorised_at: None,
+            steps: 0,
+            accuracy: Vec::new(),
+            loss: Vec::new(),
+        };
+        for step in 0..max_steps {
+            let started = Instant::now();
+            let (loss, total, grad_norm) = step_on(run, &row_refs, &config, 1.0, &self.device)?;
+            run.state.train_seconds += started.elapsed().as_secs_f64();
+            run.state.global_step += 1;
+            run.state.steps.push(StepRecord {
+                step: step + 1,
+                epoch: 1,
+                loss,
+                total,
+                lr_factor: 1.0,
+                grad_norm,
+            });
+            let accuracy = batch_accuracy(&run.model, run.pad_id)?;
+            report.accuracy.push(accuracy);
+            report.loss.push(loss);
+            report.steps = step + 1;
+            bar.set_message(format!(
+                "loss {total:.4} accuracy {:.2}/{:.2}",
+                accuracy[0], accuracy[1]
+            ));
+            bar.inc(1);
+            if accuracy == [1.0, 1.0] {
+                report.memorised_at = Some(step + 1);
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        let message = match report.memorised_at {
+            Some(n) => format!("overfit: batch of {} memorised after {n} steps", rows.len()),
+            None => format!(
+                "overfit: batch of {} not memorised in {max_steps} steps",
+                rows.len()
+            ),
+        };
+        log(self.config.verbose, &bar, &message);
+        Ok(report)
+    }
+
+    fn save_if_configured(&self) -> anyhow::Result<()> {
+        if self.config.output_dir.is_some() {
+            self.save_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint into `<output>/checkpoint`, atomically.
+    pub fn save_checkpoint(&self) -> anyhow::Result<PathBuf> {
+        let run = self.run_ref()?;
+        let data = self.data.as_ref().context("call prepare_data() first")?;
+        let out = self
+            .config
+            .output_dir
+            .as_deref()
+            .context("no output folder configured")?;
+        let dir = out.join(checkpoint::CHECKPOINT_DIR);
+        let info = RunInfo {
+            tasks: self.config.tasks.clone(),
+            label_names: [
+                data.tasks[0].label_names.clone(),
+                data.tasks[1].label_names.clone(),
+            ],
+            max_len: self.config.max_len,
+            dtype: self.dtype.as_str().to_string(),
+            base_model: run.model_files.dir.clone(),
+            config: self.config.clone(),
+        };
+        checkpoint::write_atomically(&dir, |tmp: &Path| {
+            checkpoint::write_safetensors(&tmp.join(checkpoint::MODEL_FILE), &run.model.weights())?;
+            if let Some(opt) = &run.optimizer {
+                checkpoint::write_safetensors(
+                    &tmp.join(checkpoint::OPTIMIZER_FILE),
+                    &opt.state_tensors()?,
+                )?;
+            }
+            checkpoint::copy_file(
+                &run.model_files.config,
+                &tmp.join(checkpoint::BERT_CONFIG_FILE),
+            )?;
+            checkpoint::copy_file(
+                &run.model_files.tokenizer,
+                &tmp.join(checkpoint::TOKENIZER_FILE),
+            )?;
+            checkpoint::write_json(&tmp.join(checkpoint::RUN_FILE), &info)?;
+            checkpoint::write_json(&tmp.join(checkpoint::STATE_FILE), &run.state)
+        })?;
+        Ok(dir)
+    }
+}
+
+/// Forward, loss, backward, clipping and the optimiser step on `rows`; returns
+/// each head's loss (None without rows for it), the total and the gradient norm.
+#[allow(clippy::type_complexity)]
+fn step_on(
+    run: &mut Run,
+    rows: &[&Example],
+    config: &TrainConfig,
+    lr_factor: f64,
+    device: &Device,
+) -> anyhow::Result<([Option<f32>; 2], f32, Option<f32>)> {
+    let batch = collate(rows, run.pad_id, device)?;
+    let logits = run.model.forward(
+        &batch.input_ids,
+        Some(&batch.token_type_ids),
+        &batch.attention_mask,
+        true,
+        config.freeze,
+    )?;
+    let losses = MultiTaskModel::loss(&logits, &batch.labels, config.loss_weights)?;
+    let per_head: Vec<f32> = losses.per_head.to_dtype(DType::F32)?.to_vec1()?;
+    let total = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    anyhow::ensure!(
+        total.is_finite(),
+        "the loss is {total} at step {}",
+        run.state.global_step + 1
+    );
+    let grads = losses.total.backward()?;
+    let optimizer = run.optimizer.as_mut().context("nothing to train")?;
+    let (grad_norm, scale) = match config.max_grad_norm {
+        Some(max_norm) => {
+            let norm = optimizer.grad_norm(&grads)?;
+            anyhow::ensure!(
+                norm.is_finite(),
+                "the gradient norm is {norm} at step {}",
+                run.state.global_step + 1
+            );
+            // As torch.nn.utils.clip_grad_norm_: scale down only, by max/(norm + 1e-6).
+            (Some(norm as f32), (max_norm / (norm + 1e-6)).min(1.0))
+        }
+        None => (None, 1.0),
+    };
+    optimizer.step(&grads, lr_factor, scale)?;
+    let has_rows = Head::BOTH.map(|h| rows.iter().any(|r| r.head == h));
+    let loss = Head::BOTH.map(|h| has_rows[h.index()].then_some(per_head[h.index()]));
+    Ok((loss, total, grad_norm))
+}
+
+/// Each head's mean batch loss over the steps of `epoch` (1-based).
+fn mean_losses(steps: &[StepRecord], epoch: usize) -> [Option<f64>; 2] {
+    Head::BOTH.map(|h| {
+        let values: Vec<f64> = steps
+            .iter()
+            .filter(|s| s.epoch == epoch)
+            .filter_map(|s| s.loss[h.index()].map(f64::from))
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    })
+}
+
+fn running_losses(
+    steps: &[StepRecord],
+    epoch: usize,
+    tasks: &[String; 2],
+    shown_epoch: usize,
+    epochs: usize,
+) -> String {
+    let losses = mean_losses(steps, epoch);
+    let fmt = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.4}"));
+    format!(
+        "epoch {shown_epoch}/{epochs} loss {} {} {} {}",
+        tasks[0],
+        fmt(losses[0]),
+        tasks[1],
+        fmt(losses[1])
+    )
+}
+
+fn by_task(report: &EvalReport) -> BTreeMap<String, TaskMetrics> {
+    report
+        .tasks
+        .iter()
+        .map(|t| (t.task.clone(), t.metrics))
+        .collect()
+}
+
+/// `emotion acc 0.8149 F1 0.7725 recall 0.7601 | sentiment ...`
+fn describe(tasks: &[String; 2], report: &EvalReport) -> String {
+    tasks
+        .iter()
+        .zip(&report.tasks)
+        .map(|(name, t)| {
+            format!(
+                "{name} acc {:.4} macro-F1 {:.4} macro-recall {:.4}",
+                t.metrics.accuracy, t.metrics.macro_f1, t.metrics.macro_recall
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn progress_bar(show: bool, len: u64, position: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len).with_position(position);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ({eta}) {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// A line on stderr (when verbose) that does not tear the progress bar.
+fn log(verbose: bool, bar: &ProgressBar, line: &str) {
+    if verbose {
+        bar.suspend(|| eprintln!("{line}"));
+    }
+}

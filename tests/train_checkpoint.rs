@@ -1,0 +1,190 @@
+//! Checkpoints and determinism on a tiny random BERT (dropout off: candle's CPU
+//! dropout draws from an unseeded RNG): the same seed gives the same losses, a
+//! saved checkpoint predicts exactly what the trained model predicts, and a run
+//! stopped and resumed ends where an uninterrupted run ends.
+
+mod train_support;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use sentence_mtl::cli::predict::predict;
+use sentence_mtl::data::batch::tokenize_unpadded;
+use sentence_mtl::data::{Example, Head, Split};
+use sentence_mtl::train::evaluate::predict_probabilities;
+use sentence_mtl::train::{checkpoint, MultiTaskTrainer, TrainConfig, TrainReport, TrainState};
+use train_support::{snapshot, temp_dir, tiny_config, tiny_data, tiny_model};
+
+fn fixtures(name: &str) -> PathBuf {
+    let root = temp_dir(name);
+    tiny_model(&root.join("model"), 21, 0.0);
+    tiny_data(&root.join("data"), [21, 6, 6], 4);
+    root
+}
+
+fn config(root: &Path, output: &str) -> TrainConfig {
+    TrainConfig {
+        output_dir: Some(root.join(output)),
+        max_grad_norm: Some(1.0),
+        ..tiny_config(&root.join("model"), &root.join("data"))
+    }
+}
+
+fn train(
+    config: TrainConfig,
+) -> (
+    TrainReport,
+    TrainState,
+    std::collections::BTreeMap<String, Vec<f32>>,
+) {
+    let mut trainer = MultiTaskTrainer::new(config, Device::Cpu, DType::F32).unwrap();
+    trainer.prepare_data().unwrap();
+    trainer.setup().unwrap();
+    let report = trainer.train().unwrap();
+    let weights = snapshot(&trainer.model().unwrap().parameters());
+    (report, trainer.state().unwrap().clone(), weights)
+}
+
+#[test]
+fn the_same_seed_gives_the_same_losses() {
+    let root = fixtures("seed");
+    let (_, a, _) = train(TrainConfig {
+        output_dir: None,
+        ..config(&root, "a")
+    });
+    let (_, b, _) = train(TrainConfig {
+        output_dir: None,
+        ..config(&root, "b")
+    });
+    assert_eq!(a.steps.len(), 12, "2 epochs of ceil(42 / 8) steps");
+    let totals = |s: &TrainState| s.steps.iter().map(|r| r.total).collect::<Vec<_>>();
+    assert_eq!(totals(&a), totals(&b));
+    let (_, c, _) = train(TrainConfig {
+        output_dir: None,
+        seed: 43,
+        ..config(&root, "c")
+    });
+    assert_ne!(totals(&a), totals(&c), "another seed, another run");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn a_checkpoint_predicts_what_the_trained_model_predicts() {
+    let root = fixtures("saveload");
+    let cfg = TrainConfig {
+        max_steps: Some(4),
+        ..config(&root, "run")
+    };
+    let mut trainer = MultiTaskTrainer::new(cfg, Device::Cpu, DType::F32).unwrap();
+    trainer.setup().unwrap();
+    let report = trainer.train().unwrap();
+    assert!(report.stopped_early);
+    let dir = trainer.save_checkpoint().unwrap();
+    for file in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "multitask.json",
+        "trainer_state.json",
+    ] {
+        assert!(dir.join(file).is_file(), "{file} in the checkpoint");
+    }
+
+    let loaded = checkpoint::load(&root.join("run"), &Device::Cpu).unwrap();
+    assert_eq!(
+        loaded.info.label_names[0],
+        ["anger", "joy", "optimism", "sadness"]
+    );
+    assert_eq!(
+        snapshot(&loaded.model.parameters()),
+        snapshot(&trainer.model().unwrap().parameters())
+    );
+    // Both heads' probabilities, from the trainer's model and from the checkpoint.
+    let texts: Vec<String> = [
+        "so happy today",
+        "the worst game",
+        "I miss my day",
+        "hope it gets better",
+    ]
+    .map(String::from)
+    .to_vec();
+    let rows: Vec<Example> = tokenize_unpadded(&loaded.tokenizer, &texts, 16)
+        .unwrap()
+        .into_iter()
+        .map(|(input_ids, type_ids)| Example {
+            input_ids,
+            type_ids,
+            head: Head::A,
+            label: 0,
+        })
+        .collect();
+    let rows: Vec<&Example> = rows.iter().collect();
+    let trained =
+        predict_probabilities(trainer.model().unwrap(), &rows, 0, 3, &Device::Cpu).unwrap();
+    let restored = predict_probabilities(&loaded.model, &rows, 0, 3, &Device::Cpu).unwrap();
+    assert_eq!(trained, restored);
+    let predictions = predict(&loaded, &texts, 4, &Device::Cpu).unwrap();
+    let json = serde_json::to_value(&predictions[0]).unwrap();
+    assert_eq!(json["text"], "so happy today");
+    let emotion = json["emotion"]["probabilities"].as_object().unwrap();
+    assert_eq!(emotion.len(), 4);
+    let total: f64 = emotion.values().map(|p| p.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-5);
+    assert!(json["sentiment"]["label"].is_string());
+    // And the split metrics agree with the trainer's own evaluation.
+    let from_trainer = trainer.evaluate(Split::Val).unwrap();
+    assert_eq!(from_trainer.tasks[0].metrics.count, 6);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn a_resumed_run_ends_where_an_uninterrupted_run_ends() {
+    let root = fixtures("resume");
+    let (full_report, full_state, full_weights) = train(config(&root, "full"));
+    assert_eq!(full_report.steps, 12);
+    assert!(!full_report.stopped_early);
+
+    // Stop mid-way through the first epoch, then resume with the same settings.
+    let (stopped, _, _) = train(TrainConfig {
+        max_steps: Some(4),
+        ..config(&root, "resumed")
+    });
+    assert!(stopped.stopped_early);
+    assert_eq!(stopped.steps, 4);
+    let (resumed_report, resumed_state, resumed_weights) = train(TrainConfig {
+        resume: true,
+        ..config(&root, "resumed")
+    });
+    assert_eq!(resumed_report.steps, 12);
+    assert_eq!(
+        resumed_state.steps, full_state.steps,
+        "the same losses step for step"
+    );
+    assert_eq!(resumed_state.epochs.len(), 2);
+    for (a, b) in resumed_state.epochs.iter().zip(&full_state.epochs) {
+        assert_eq!(
+            (a.epoch, a.global_step, a.val, a.val_loss),
+            (b.epoch, b.global_step, b.val, b.val_loss)
+        );
+    }
+    assert!(
+        resumed_weights == full_weights,
+        "bit-identical weights after resuming"
+    );
+
+    // Resuming with other settings is refused, naming the difference.
+    let mut other = MultiTaskTrainer::new(
+        TrainConfig {
+            resume: true,
+            head_lr: 0.5,
+            ..config(&root, "resumed")
+        },
+        Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let err = format!("{:#}", other.setup().unwrap_err());
+    assert!(err.contains("head_lr"), "{err}");
+    std::fs::remove_dir_all(root).unwrap();
+}
