@@ -3,10 +3,8 @@
 //! than the forward grid has threads. Without a GPU (or the `cuda` feature) each
 //! test prints why and returns.
 
-use crate::common;
-
-use candle_core::{DType, Device, Result, Tensor, Var};
 use crate::common::*;
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use sentence_mtl::ops::{dual_head_cross_entropy, IGNORE_INDEX};
 

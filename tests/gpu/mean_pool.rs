@@ -5,8 +5,8 @@
 
 use crate::common;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
 use crate::common::{assert_close_tol, random_tensor, rng, strided_view, values, Strided};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::Rng;
 use sentence_mtl::ops::masked_mean_pool;
