@@ -70,7 +70,7 @@ fn tokenizer(dir: &Path) -> Tokenizer {
     std::fs::write(&vocab_path, serde_json::to_string(&vocab).unwrap()).unwrap();
     let model = WordLevel::from_file(vocab_path.to_str().unwrap(), "[UNK]".into()).unwrap();
     let mut tok = Tokenizer::new(model);
-    tok.with_normalizer(Some(Lowercase));
+    tok.with_normalizer(Some(Lowercase)).unwrap();
     tok.with_pre_tokenizer(Some(Whitespace {}));
     tok.with_post_processor(Some(
         TemplateProcessing::builder()
