@@ -533,8 +533,11 @@ impl MultiTaskTrainer {
                 ));
                 bar.inc(1);
                 let step = run.state.global_step;
-                if self.config.checkpoint_every.is_some_and(|n| step % n == 0)
-                    && step % steps_per_epoch != 0
+                if self
+                    .config
+                    .checkpoint_every
+                    .is_some_and(|n| step.is_multiple_of(n))
+                    && !step.is_multiple_of(steps_per_epoch)
                 {
                     self.save_if_configured()?;
                 }
