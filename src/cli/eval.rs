@@ -23,7 +23,7 @@ pub struct EvalArgs {
     pub split: Split,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Where the confusion-matrix PNGs go (default: the checkpoint's folder).
+    /// Where the confusion-matrix PNGs go (default: the --checkpoint folder as given).
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
     #[command(flatten)]
@@ -72,7 +72,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         &device,
     )?;
 
-    let out = args.output.clone().unwrap_or_else(|| loaded.dir.clone());
+    let out = args
+        .output
+        .clone()
+        .unwrap_or_else(|| args.checkpoint.clone());
     std::fs::create_dir_all(&out)?;
     for t in &report.tasks {
         let m = &t.metrics;

@@ -15,7 +15,9 @@ use crate::train::{MultiTaskTrainer, OverfitConfig, TrainConfig};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
-    /// The TweetEval folder, with one folder per task (`emotion/`, `sentiment/`).
+    /// The TweetEval folder, with one folder per task (`emotion/`, `sentiment/`),
+    /// as in the `datasets/` folder of the benchmark's repository
+    /// (cardiffnlp/tweeteval on GitHub).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
     /// A local model folder or a Hugging Face repo id.

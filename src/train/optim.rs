@@ -463,25 +463,20 @@ mod tests {
             opt_fused.step(&gf, factor, scale).unwrap();
             opt_plain.step(&gp, factor, scale).unwrap();
             let lr = 0.01 * factor;
-            for i in 0..37 {
-                let g = p[i] * p[i] * scale;
-                m[i] = 0.9 * m[i] + 0.1 * g;
-                v[i] = 0.999 * v[i] + 0.001 * g * g;
-                let mh = m[i] / (1.0 - 0.9f64.powi(step as i32));
-                let vh = v[i] / (1.0 - 0.999f64.powi(step as i32));
-                p[i] = p[i] * (1.0 - lr * 0.1) - lr * mh / (vh.sqrt() + 1e-8);
+            // The update written out per element, in f64.
+            for ((p, m), v) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = *p * *p * scale;
+                *m = 0.9 * *m + 0.1 * g;
+                *v = 0.999 * *v + 0.001 * g * g;
+                let mh = *m / (1.0 - 0.9f64.powi(step as i32));
+                let vh = *v / (1.0 - 0.999f64.powi(step as i32));
+                *p = *p * (1.0 - lr * 0.1) - lr * mh / (vh.sqrt() + 1e-8);
             }
             let fused_vals: Vec<f32> = fused.as_tensor().to_vec1().unwrap();
             let plain_vals: Vec<f64> = plain.as_tensor().to_vec1().unwrap();
-            for i in 0..37 {
-                assert!(
-                    (fused_vals[i] as f64 - p[i]).abs() < 1e-5,
-                    "fused step {step} elem {i}"
-                );
-                assert!(
-                    (plain_vals[i] - p[i]).abs() < 1e-10,
-                    "tensor step {step} elem {i}"
-                );
+            for (i, ((&f, &t), &want)) in fused_vals.iter().zip(&plain_vals).zip(&p).enumerate() {
+                assert!((f as f64 - want).abs() < 1e-5, "fused step {step} elem {i}");
+                assert!((t - want).abs() < 1e-10, "tensor step {step} elem {i}");
             }
         }
     }

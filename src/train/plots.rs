@@ -84,11 +84,14 @@ pub fn training_plots(
     if let Some(report) = overfit {
         let series: Vec<(String, Vec<(f64, f64)>)> = (0..2)
             .map(|h| {
-                let points = report
+                // Step 0 is the batch before training.
+                let after_steps = report
                     .accuracy
                     .iter()
                     .enumerate()
-                    .map(|(i, a)| ((i + 1) as f64, a[h]))
+                    .map(|(i, a)| ((i + 1) as f64, a[h]));
+                let points = std::iter::once((0.0, report.initial_accuracy[h]))
+                    .chain(after_steps)
                     .collect();
                 (format!("{} accuracy", tasks[h]), points)
             })
@@ -196,7 +199,10 @@ fn line_chart(
 pub fn confusion_matrix(path: &Path, title: &str, eval: &TaskEval) -> anyhow::Result<()> {
     ensure_font()?;
     let n = eval.confusion.num_classes();
+    anyhow::ensure!(n >= 1, "an empty confusion matrix");
     let names = &eval.label_names;
+    // A segmented range a..b has a segment for each of a..=b: 0..n-1 gives n cells.
+    let classes = 0..n - 1;
     let root =
         BitMapBackend::new(path, (200 + 110 * n as u32, 160 + 90 * n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
@@ -205,7 +211,7 @@ pub fn confusion_matrix(path: &Path, title: &str, eval: &TaskEval) -> anyhow::Re
         .margin(15)
         .x_label_area_size(50)
         .y_label_area_size(100)
-        .build_cartesian_2d((0..n).into_segmented(), (0..n).into_segmented())
+        .build_cartesian_2d(classes.clone().into_segmented(), classes.into_segmented())
         .map_err(plot_err)?;
     // Row 0 (the first true class) is drawn at the top.
     let name_of = |v: &SegmentValue<usize>, flip: bool| match v {
@@ -306,4 +312,66 @@ fn ensure_font() -> anyhow::Result<()> {
         .clone()
         .map_err(anyhow::Error::msg)
         .context("plots need a font")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::metrics::ConfusionMatrix;
+    use crate::train::trainer::StepRecord;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sentence-mtl-plots-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn is_png(path: &Path) -> bool {
+        std::fs::read(path)
+            .map(|b| b.starts_with(b"\x89PNG"))
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn draws_loss_curves_and_a_confusion_matrix() {
+        let dir = temp("draw");
+        let steps = (1..=40)
+            .map(|step| StepRecord {
+                step,
+                epoch: 1,
+                loss: [
+                    Some(1.5 / step as f32),
+                    (step % 3 != 0).then_some(1.0 / step as f32),
+                ],
+                total: 2.0,
+                lr_factor: 1.0,
+                grad_norm: None,
+            })
+            .collect();
+        let state = TrainState {
+            global_step: 40,
+            steps,
+            epochs: Vec::new(),
+            train_seconds: 1.0,
+        };
+        let written =
+            training_plots(&dir, &["emotion".into(), "sentiment".into()], &state, None).unwrap();
+        assert_eq!(written, vec![dir.join("loss.png")]);
+        assert!(is_png(&written[0]));
+
+        let confusion = ConfusionMatrix::new(3, &[0, 1, 2, 2, 1], &[0, 2, 2, 2, 1]).unwrap();
+        let eval = TaskEval {
+            task: "sentiment".into(),
+            label_names: vec!["negative".into(), "neutral".into(), "positive".into()],
+            metrics: confusion.metrics(),
+            loss: 0.5,
+            confusion,
+        };
+        let path = dir.join("confusion.png");
+        confusion_matrix(&path, "sentiment (test)", &eval).unwrap();
+        assert!(is_png(&path));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
