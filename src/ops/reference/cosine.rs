@@ -58,6 +58,20 @@ pub fn l2_normalize_backward(x: &[f64], grad: &[f64], h: usize) -> Vec<f64> {
         .collect()
 }
 
+/// The natural size of each row of `l2_normalize_backward(x, upstream, h)`:
+/// `‖upstream row‖ / max(‖x row‖, EPS)`.
+///
+/// The gradient is a difference of terms of this size, so an element can cancel to
+/// ~0 while its rounding error stays ~ulp·scale: compare computed gradients to
+/// within a relative tolerance of this scale, not only of the element itself.
+pub fn gradient_scale(x: &[f64], upstream: &[f64], h: usize) -> Vec<f64> {
+    assert_eq!(x.len(), upstream.len());
+    rows(x, h)
+        .zip(rows(upstream, h))
+        .map(|(x, u)| norm(u) / norm(x).max(EPS))
+        .collect()
+}
+
 /// Row-wise cosine similarity of two `[n, h]` matrices: `[n]`.
 pub fn cosine_similarity(a: &[f64], b: &[f64], h: usize) -> Vec<f64> {
     assert_eq!(a.len(), b.len());
