@@ -17,7 +17,6 @@ pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
-
 pub mod layers;
 pub mod resolve;
 pub mod tokenize;
@@ -26,5 +25,4 @@ pub use bert::BertEncoder;
 pub use checkpoint::{load_frozen, load_trainable};
 pub use config::{load_bert_config, max_seq_length, Pooling, SentenceConfig};
 pub use encoder::SentenceEncoder;
-
 pub use resolve::{resolve_cached, resolve_model, ModelFiles, DEFAULT_MODEL};
