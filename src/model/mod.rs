@@ -19,7 +19,6 @@ pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
-
 pub mod layers;
 pub mod multitask;
 pub mod resolve;
@@ -29,5 +28,4 @@ pub use bert::BertEncoder;
 pub use checkpoint::{load_frozen, load_trainable};
 pub use config::{load_bert_config, max_seq_length, Pooling, SentenceConfig};
 pub use encoder::SentenceEncoder;
-
 pub use resolve::{resolve_cached, resolve_model, ModelFiles, DEFAULT_MODEL};
