@@ -143,21 +143,21 @@ fn read_lines(reader: impl BufRead) -> std::io::Result<Vec<String>> {
 }
 
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
-    if args.format == Format::Npy && args.output.is_none() {
-        bail!("--format npy writes a file: give its path with --output");
-    }
+    // Settle where the output goes before the (slow) encoding.
+    let npy_path = match (args.format, args.output.as_deref()) {
+        (Format::Npy, None) => bail!("--format npy writes a file: give its path with --output"),
+        (Format::Npy, Some(path)) => Some(path),
+        (Format::Json, _) => None,
+    };
     let sentences = read_sentences(&args.sentences, args.file.as_deref())?;
     let encoder = args.encoder.load()?;
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
     let embeddings = encoder.encode(&texts)?.to_dtype(DType::F32)?;
-    match args.format {
-        Format::Json => write_json(&embeddings, args.output.as_deref()),
-        Format::Npy => {
-            let path = args.output.as_deref().expect("checked above");
-            embeddings
-                .write_npy(path)
-                .with_context(|| format!("cannot write {}", path.display()))
-        }
+    match npy_path {
+        Some(path) => embeddings
+            .write_npy(path)
+            .with_context(|| format!("cannot write {}", path.display())),
+        None => write_json(&embeddings, args.output.as_deref()),
     }
 }
 

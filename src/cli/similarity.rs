@@ -134,8 +134,8 @@ pub fn format_report(
         let _ = writeln!(out, "\nPairs:");
         let _ = writeln!(
             out,
-            "  {:>10}  {:<45}  {}",
-            "similarity", "sentence A", "sentence B"
+            "  {:>10}  {:<45}  sentence B",
+            "similarity", "sentence A"
         );
         for &(i, j) in pairs {
             let _ = writeln!(
@@ -246,7 +246,7 @@ pub fn draw_heatmap(
             let y = (top + CELL * i as u32 + CELL / 2) as i32;
             let style = label.clone().pos(Pos::new(HPos::Right, VPos::Center));
             root.draw(&Text::new(
-                shorten(&format!("{sentence} [{i}]"), 40),
+                shorten(&format!("[{i}] {sentence}"), 40),
                 (label_width as i32 - 8, y),
                 style,
             ))

@@ -104,16 +104,14 @@ impl SelfAttention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        // Scaling the queries rather than the [T, T] scores: fewer elements.
         let scale = 1.0 / (self.head_size as f64).sqrt();
-        let query = split((self.query.forward(x)? * scale)?)?;
+        let query = split(self.query.forward(x)?)?;
         let key = split(self.key.forward(x)?)?;
         let value = split(self.value.forward(x)?)?;
 
         let scores = query.matmul(&key.t()?)?;
-        let scores = scores
-            .to_dtype(accumulation_dtype(x.dtype()))?
-            .broadcast_add(bias)?;
+        let scores =
+            (scores.to_dtype(accumulation_dtype(x.dtype()))? * scale)?.broadcast_add(bias)?;
         let probs = softmax_last_dim(&scores, pass)?.to_dtype(x.dtype())?;
         let probs = dropout(&probs, p_drop, pass)?;
         probs

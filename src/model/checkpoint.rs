@@ -102,7 +102,10 @@ impl SimpleBackend for CheckpointBackend {
             None => Ok(tensor),
             Some(vars) => {
                 let var = Var::from_tensor(&tensor)?;
-                let mut data = vars.data().lock().expect("VarMap lock poisoned");
+                let mut data = vars
+                    .data()
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("the VarMap's lock is poisoned".into()))?;
                 data.insert(name.to_string(), var.clone());
                 Ok(var.as_tensor().clone())
             }

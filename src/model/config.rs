@@ -54,7 +54,10 @@ pub fn check_bert_config(config: &Config) -> anyhow::Result<()> {
     if let Some((name, _)) = sizes.iter().find(|(_, size)| *size == 0) {
         bail!("{name} is 0");
     }
-    if config.hidden_size % config.num_attention_heads != 0 {
+    if !config
+        .hidden_size
+        .is_multiple_of(config.num_attention_heads)
+    {
         bail!(
             "hidden_size {} is not a multiple of num_attention_heads {}",
             config.hidden_size,

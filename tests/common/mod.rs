@@ -18,7 +18,12 @@ pub fn random_values(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
 }
 
 /// A random tensor of `dtype`, drawn in f64 and rounded once to `dtype`.
-pub fn random_tensor(rng: &mut StdRng, dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn random_tensor(
+    rng: &mut StdRng,
+    dims: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let n = dims.iter().product();
     Tensor::from_vec(random_values(rng, n, 2.0), dims, device)?.to_dtype(dtype)
 }
@@ -44,8 +49,12 @@ pub enum Strided {
     Transposed,
 }
 
-pub const STRIDED_KINDS: [Strided; 4] =
-    [Strided::Contiguous, Strided::Offset, Strided::PaddedRows, Strided::Transposed];
+pub const STRIDED_KINDS: [Strided; 4] = [
+    Strided::Contiguous,
+    Strided::Offset,
+    Strided::PaddedRows,
+    Strided::Transposed,
+];
 
 /// A view with the same values as `t` (rank >= 1) but the layout `kind`.
 pub fn strided_view(t: &Tensor, kind: Strided) -> Result<Tensor> {
@@ -67,7 +76,9 @@ pub fn strided_view(t: &Tensor, kind: Strided) -> Result<Tensor> {
             if rank < 2 {
                 return strided_view(t, Strided::Offset);
             }
-            t.transpose(rank - 2, last)?.contiguous()?.transpose(rank - 2, last)
+            t.transpose(rank - 2, last)?
+                .contiguous()?
+                .transpose(rank - 2, last)
         }
     }
 }
@@ -90,7 +101,13 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], dtype: DType) {
 }
 
 pub fn assert_close_tol(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: length {} vs {}",
+        got.len(),
+        want.len()
+    );
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         assert!(g.is_finite(), "{what}: element {i} is {g}, want {w}");
         assert!(
