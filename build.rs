@@ -7,6 +7,9 @@
 //!   runtime loads the newest one the device can run.
 //! - The ptxas resource report (registers, spills, shared memory per kernel) is
 //!   written to `target/ptxas-report.txt`.
+//! - `SENTENCE_MTL_CUDA_STUBS`, if set, is added to the linker's search path: stub
+//!   CUDA libraries that let a machine without a driver link the GPU test and bench
+//!   binaries (scripts/gpu/build-binaries.sh); the GPU machine loads the real ones.
 //! - `$OUT_DIR/kernels.rs` embeds every PTX as a `&[(arch, ptx)]` constant named
 //!   after its file (`mean_pool.cu` -> `MEAN_POOL`).
 
@@ -21,11 +24,20 @@ const DEFAULT_ARCHS: &str = "80,90";
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={KERNEL_DIR}");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "SENTENCE_MTL_CUDA_ARCHS"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "SENTENCE_MTL_CUDA_ARCHS",
+        "SENTENCE_MTL_CUDA_STUBS",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
+    }
+    if let Some(stubs) = env::var_os("SENTENCE_MTL_CUDA_STUBS") {
+        println!("cargo:rustc-link-search=native={}", PathBuf::from(stubs).display());
     }
     if let Err(message) = compile_kernels() {
         // A failed kernel build fails the crate's build, with nvcc's own message.

@@ -462,11 +462,77 @@ fn chunk_rows(dims: Dims) -> usize {
     (ELEMS_PER_CHUNK / (dims.classes[0] + dims.classes[1])).max(1)
 }
 
+/// Rows per tile: a tile's shifted logits (at most this many values per head)
+/// stay in L1 between the passes over them.
+fn tile_rows(dims: Dims) -> usize {
+    const ELEMS_PER_TILE: usize = 2048;
+    (ELEMS_PER_TILE / dims.classes[0].max(dims.classes[1])).max(1)
+}
+
 /// Below this many logits a single thread beats rayon's fork/join overhead.
 const PARALLEL_MIN_ELEMS: usize = 64 * 1024;
 
 fn run_parallel(dims: Dims) -> bool {
     grad_len(dims) >= PARALLEL_MIN_ELEMS
+}
+
+/// The row ranges of the (parallel) work items.
+fn chunks(dims: Dims) -> Vec<std::ops::Range<usize>> {
+    let step = chunk_rows(dims);
+    (0..dims.n.div_ceil(step))
+        .map(|c| c * step..((c + 1) * step).min(dims.n))
+        .collect()
+}
+
+/// `exp` of every element of a slice, in place. For f32 (the accumulator of
+/// f32, f16 and bf16) a branch-free polynomial that the compiler vectorises: the
+/// libm call per element would otherwise be most of the op's time.
+trait ExpInPlace: Accum {
+    fn exp_in_place(values: &mut [Self]);
+}
+
+impl ExpInPlace for f32 {
+    fn exp_in_place(values: &mut [f32]) {
+        for v in values {
+            *v = exp_f32(*v);
+        }
+    }
+}
+
+impl ExpInPlace for f64 {
+    fn exp_in_place(values: &mut [f64]) {
+        for v in values {
+            *v = v.exp();
+        }
+    }
+}
+
+/// `exp(x)` to within a few ulp for x <= 88 (here x <= 0: logits minus their row
+/// max); NaN stays NaN. `exp(x) = 2^n · exp(r)` with `n = round(x / ln 2)`,
+/// `|r| <= ln(2)/2`, and `exp(r)` from its degree-6 Taylor polynomial (truncation
+/// error below 2e-7 relative).
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    // exp(-87) is still a normal f32; below it the result only matters as ~0.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let rounded = x * LOG2_E + ROUND;
+    let n = rounded - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // `rounded`'s low mantissa bits hold n (its ulp is 1): build 2^n's exponent
+    // from them with integer ops, which vectorise (a float-to-int cast does not).
+    let n_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_to_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    p * two_to_n
 }
 
 /// One head's logits on the CPU: the storage slice and its strided view.
@@ -483,114 +549,31 @@ impl<'a, T: FloatElem> Logits<'a, T> {
         })
     }
 
-    /// Row `i` as a [`Row`]: a plain slice when the classes are unit-stride.
+    /// Appends row `i` minus its maximum to `out`; returns `x[label] - max`.
+    /// Unit-stride rows are read as a plain slice.
     #[inline(always)]
-    fn with_row<R>(&self, i: usize, f: impl RowFn<T, R>) -> R {
+    fn push_shifted_row(&self, i: usize, label: usize, out: &mut Vec<T::Acc>) -> T::Acc {
         let start = self.view.at([i, 0]);
         let (classes, stride) = (self.view.dims[1], self.view.strides[1]);
+        let base = out.len();
         if stride == 1 || classes == 1 {
-            f.call(ContiguousRow(&self.data[start..start + classes]))
+            push_shifted(self.data[start..start + classes].iter(), out);
         } else {
-            f.call(StridedRow {
-                data: self.data,
-                start,
-                stride,
-                classes,
-            })
+            push_shifted(self.data[start..].iter().step_by(stride).take(classes), out);
         }
+        out[base + label]
     }
 }
 
-/// Read access to the logits of one row, converted to the accumulator type.
-trait Row<T: FloatElem>: Copy {
-    fn len(self) -> usize;
-    fn get(self, j: usize) -> T::Acc;
-}
-
-#[derive(Clone, Copy)]
-struct ContiguousRow<'a, T>(&'a [T]);
-
-#[derive(Clone, Copy)]
-struct StridedRow<'a, T> {
-    data: &'a [T],
-    start: usize,
-    stride: usize,
-    classes: usize,
-}
-
-impl<T: FloatElem> Row<T> for ContiguousRow<'_, T> {
-    #[inline(always)]
-    fn len(self) -> usize {
-        self.0.len()
-    }
-    #[inline(always)]
-    fn get(self, j: usize) -> T::Acc {
-        self.0[j].to_acc()
-    }
-}
-
-impl<T: FloatElem> Row<T> for StridedRow<'_, T> {
-    #[inline(always)]
-    fn len(self) -> usize {
-        self.classes
-    }
-    #[inline(always)]
-    fn get(self, j: usize) -> T::Acc {
-        self.data[self.start + j * self.stride].to_acc()
-    }
-}
-
-/// A computation on one row, generic over the row's layout (a closure cannot be).
-trait RowFn<T: FloatElem, R> {
-    fn call(self, row: impl Row<T>) -> R;
-}
-
-/// The row maximum, for a stable log-sum-exp.
 #[inline(always)]
-fn row_max<T: FloatElem>(row: impl Row<T>) -> T::Acc {
-    (1..row.len()).fold(row.get(0), |m, j| m.max(row.get(j)))
-}
-
-/// `logsumexp(row) - row[label]`, the cross-entropy of one labelled row.
-struct RowLoss {
-    label: usize,
-}
-
-impl<T: FloatElem> RowFn<T, T::Acc> for RowLoss {
-    #[inline(always)]
-    fn call(self, row: impl Row<T>) -> T::Acc {
-        let max = row_max(row);
-        let sum_exp: T::Acc = (0..row.len()).map(|j| (row.get(j) - max).exp()).sum();
-        // max - x_y first: exact for nearby values, where adding ln(sum) to a
-        // large max first would round away the answer.
-        (max - row.get(self.label)) + sum_exp.ln()
-    }
-}
-
-/// Writes `(softmax(row) - onehot(label)) * scale` into `out`; `exps` is scratch
-/// of the row's length, so each exponential is computed once.
-struct RowGrad<'o, T: FloatElem> {
-    label: usize,
-    scale: T::Acc,
-    out: &'o mut [T],
-    exps: &'o mut [T::Acc],
-}
-
-impl<T: FloatElem> RowFn<T, ()> for RowGrad<'_, T> {
-    #[inline(always)]
-    fn call(self, row: impl Row<T>) {
-        let max = row_max(row);
-        let mut sum_exp = T::Acc::zero();
-        for (j, e) in self.exps.iter_mut().enumerate() {
-            *e = (row.get(j) - max).exp();
-            sum_exp += *e;
-        }
-        let per_exp = self.scale / sum_exp;
-        for (o, &e) in self.out.iter_mut().zip(self.exps.iter()) {
-            *o = T::from_acc(e * per_exp);
-        }
-        self.out[self.label] = T::from_acc(self.exps[self.label] * per_exp - self.scale);
-    }
+fn push_shifted<'a, T: FloatElem>(row: impl Iterator<Item = &'a T> + Clone, out: &mut Vec<T::Acc>) {
+    // `>` rather than `max`: a NaN logit then poisons the row instead of vanishing.
+    let max = row
+        .clone()
+        .map(|x| x.to_acc())
+        .reduce(|m, x| if x > m { x } else { m })
+        .expect("a head has at least one class");
+    out.extend(row.map(|x| x.to_acc() - max));
 }
 
 /// The labels on the CPU: the storage slice and its `[N,2]` view.
@@ -613,6 +596,63 @@ impl<'a, L: Label> Labels<'a, L> {
         decode(self.data[self.view.at([i, head])], classes)
             .map_err(|value| label_out_of_range(head, i, value, classes, L::IGNORE.to_i64()))
     }
+
+    /// The error for the first out-of-range label by row (then head), if any.
+    /// Tiles go head by head, so this in-order scan names the label the user
+    /// would find first.
+    fn first_error(&self, dims: Dims) -> Result<()> {
+        for i in 0..dims.n {
+            for (head, &classes) in dims.classes.iter().enumerate() {
+                self.class(i, head, classes)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The labelled rows of one head in a tile of rows, with their logits shifted
+/// by the row max and exponentiated in one pass: `exps[k*C..(k+1)*C]` belongs
+/// to `rows[k] = (row, label, x[label] - max)`.
+struct Tile<A> {
+    exps: Vec<A>,
+    rows: Vec<(usize, usize, A)>,
+}
+
+impl<A: ExpInPlace> Tile<A> {
+    fn new() -> Self {
+        Self {
+            exps: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn fill<T: FloatElem<Acc = A>, L: Label>(
+        &mut self,
+        rows: std::ops::Range<usize>,
+        head: usize,
+        logits: &Logits<'_, T>,
+        labels: &Labels<'_, L>,
+    ) -> Result<()> {
+        self.exps.clear();
+        self.rows.clear();
+        let classes = logits.view.dims[1];
+        for i in rows {
+            if let Some(label) = labels.class(i, head, classes)? {
+                let shifted_label = logits.push_shifted_row(i, label, &mut self.exps);
+                self.rows.push((i, label, shifted_label));
+            }
+        }
+        A::exp_in_place(&mut self.exps);
+        Ok(())
+    }
+
+    /// `(row, label, x[label] - max, exps of the row)` for each labelled row.
+    fn labelled_rows(&self, classes: usize) -> impl Iterator<Item = (usize, usize, A, &[A])> {
+        self.rows
+            .iter()
+            .zip(self.exps.chunks_exact(classes))
+            .map(|(&(i, label, shifted_label), exps)| (i, label, shifted_label, exps))
+    }
 }
 
 /// Loss sums and labelled-row counts of a run of rows, per head.
@@ -627,17 +667,25 @@ fn forward_rows<T: FloatElem, L: Label>(
     dims: Dims,
     logits: &[Logits<'_, T>; 2],
     labels: &Labels<'_, L>,
-) -> Result<Partial<T::Acc>> {
+) -> Result<Partial<T::Acc>>
+where
+    T::Acc: ExpInPlace,
+{
     let mut part = Partial {
         loss: [T::Acc::zero(); 2],
         count: [0; 2],
     };
-    for i in rows {
-        for head in 0..2 {
-            if let Some(label) = labels.class(i, head, dims.classes[head])? {
-                part.loss[head] += logits[head].with_row(i, RowLoss { label });
-                part.count[head] += 1;
+    let mut tile = Tile::new();
+    for start in rows.clone().step_by(tile_rows(dims)) {
+        let tile_rows = start..(start + tile_rows(dims)).min(rows.end);
+        for (head, logits) in logits.iter().enumerate() {
+            tile.fill(tile_rows.clone(), head, logits, labels)?;
+            for (_, _, shifted_label, exps) in tile.labelled_rows(dims.classes[head]) {
+                // logsumexp - x[label] = ln(Σ exp(x - max)) - (x[label] - max)
+                let sum_exp: T::Acc = exps.iter().copied().sum();
+                part.loss[head] += sum_exp.ln() - shifted_label;
             }
+            part.count[head] += tile.rows.len();
         }
     }
     Ok(part)
@@ -648,24 +696,30 @@ fn forward_cpu<T: FloatElem, L: Label>(
     dims: Dims,
     logits: &[Logits<'_, T>; 2],
     labels: &Labels<'_, L>,
-) -> Result<([T; 2], [usize; 2])> {
-    let step = chunk_rows(dims);
-    let chunk =
-        |c: usize| forward_rows(c * step..((c + 1) * step).min(dims.n), dims, logits, labels);
-    let chunks = dims.n.div_ceil(step);
-    // Partials come back in chunk order and are summed in that order: the first
-    // bad label (by row) is the one reported, and the sum is deterministic.
-    let partials: Vec<Result<Partial<T::Acc>>> = if run_parallel(dims) {
-        (0..chunks).into_par_iter().map(chunk).collect()
+) -> Result<([T; 2], [usize; 2])>
+where
+    T::Acc: ExpInPlace,
+{
+    let chunk = |rows| forward_rows(rows, dims, logits, labels);
+    // Partials come back in chunk order and are summed in that order, so the
+    // sum does not depend on the number of threads.
+    let partials: Result<Vec<Partial<T::Acc>>> = if run_parallel(dims) {
+        chunks(dims).into_par_iter().map(chunk).collect()
     } else {
-        (0..chunks).map(chunk).collect()
+        chunks(dims).into_iter().map(chunk).collect()
+    };
+    let partials = match partials {
+        Ok(partials) => partials,
+        Err(e) => {
+            labels.first_error(dims)?;
+            return Err(e);
+        }
     };
     let mut total = Partial {
         loss: [T::Acc::zero(); 2],
         count: [0; 2],
     };
     for part in partials {
-        let part = part?;
         for h in 0..2 {
             total.loss[h] += part.loss[h];
             total.count[h] += part.count[h];
@@ -678,50 +732,61 @@ fn forward_cpu<T: FloatElem, L: Label>(
     Ok(([T::from_acc(mean(0)), T::from_acc(mean(1))], total.count))
 }
 
-/// Both heads' gradients, head A's `[N,Ca]` then head B's `[N,Cb]`, row-major.
+/// Both heads' gradients, head A's `[N,Ca]` then head B's `[N,Cb]`, row-major:
+/// `(softmax(row) - onehot(label)) * scales[head]`, zero for ignored rows.
 fn backward_cpu<T: FloatElem, L: Label>(
     dims: Dims,
     logits: &[Logits<'_, T>; 2],
     labels: &Labels<'_, L>,
     scales: [T::Acc; 2],
-) -> Result<Vec<T>> {
-    let [ca, cb] = dims.classes;
+) -> Result<Vec<T>>
+where
+    T::Acc: ExpInPlace,
+{
     // Zero-filled: ignored rows need no further write.
     let mut grads = vec![T::from_acc(T::Acc::zero()); grad_len(dims)];
-    let (grad_a, grad_b) = grads.split_at_mut(dims.n * ca);
-    let step = chunk_rows(dims);
-    let chunk = |(c, (out_a, out_b)): (usize, (&mut [T], &mut [T]))| -> Result<()> {
-        let mut exps = vec![T::Acc::zero(); ca.max(cb)];
-        let mut outs = [out_a, out_b];
-        let first = c * step;
-        for (r, i) in (first..(first + step).min(dims.n)).enumerate() {
-            for (head, out) in outs.iter_mut().enumerate() {
-                let classes = dims.classes[head];
-                if let Some(label) = labels.class(i, head, classes)? {
-                    let row = RowGrad {
-                        label,
-                        scale: scales[head],
-                        out: &mut out[r * classes..(r + 1) * classes],
-                        exps: &mut exps[..classes],
-                    };
-                    logits[head].with_row(i, row);
+    let (grad_a, grad_b) = grads.split_at_mut(dims.n * dims.classes[0]);
+    let chunk = |(rows, outs): (std::ops::Range<usize>, [&mut [T]; 2])| -> Result<()> {
+        let mut tile = Tile::new();
+        for start in rows.clone().step_by(tile_rows(dims)) {
+            let tile_rows = start..(start + tile_rows(dims)).min(rows.end);
+            for (head, logits) in logits.iter().enumerate() {
+                let (classes, scale) = (dims.classes[head], scales[head]);
+                tile.fill(tile_rows.clone(), head, logits, labels)?;
+                for (i, label, _, exps) in tile.labelled_rows(classes) {
+                    let out = &mut outs[head][(i - rows.start) * classes..][..classes];
+                    let per_exp = scale / exps.iter().copied().sum();
+                    for (o, &e) in out.iter_mut().zip(exps) {
+                        *o = T::from_acc(e * per_exp);
+                    }
+                    out[label] = T::from_acc(exps[label] * per_exp - scale);
                 }
             }
         }
         Ok(())
     };
-    if run_parallel(dims) {
-        grad_a
-            .par_chunks_mut(step * ca)
-            .zip(grad_b.par_chunks_mut(step * cb))
-            .enumerate()
-            .try_for_each(chunk)?;
+    let step = chunk_rows(dims);
+    let (step_a, step_b) = (step * dims.classes[0], step * dims.classes[1]);
+    let done = if run_parallel(dims) {
+        chunks(dims)
+            .into_par_iter()
+            .zip(
+                grad_a
+                    .par_chunks_mut(step_a)
+                    .zip(grad_b.par_chunks_mut(step_b)),
+            )
+            .map(|(rows, (a, b))| (rows, [a, b]))
+            .try_for_each(chunk)
     } else {
-        grad_a
-            .chunks_mut(step * ca)
-            .zip(grad_b.chunks_mut(step * cb))
-            .enumerate()
-            .try_for_each(chunk)?;
+        chunks(dims)
+            .into_iter()
+            .zip(grad_a.chunks_mut(step_a).zip(grad_b.chunks_mut(step_b)))
+            .map(|(rows, (a, b))| (rows, [a, b]))
+            .try_for_each(chunk)
+    };
+    if let Err(e) = done {
+        labels.first_error(dims)?;
+        return Err(e);
     }
     Ok(grads)
 }
@@ -739,7 +804,7 @@ mod gpu {
         CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-    use candle_core::{Layout, Result, Storage, Tensor};
+    use candle_core::{Result, Storage, Tensor};
 
     use super::{label_out_of_range, Dims, Label, OP};
     use crate::ops::cuda::{kernel_name, load, ptx};
@@ -905,8 +970,9 @@ mod gpu {
     {
         let dev: &CudaDevice = &logits[0].0.device;
         let len = super::grad_len(dims);
-        // SAFETY: the kernel writes every element, zeros for ignored rows.
-        let grads = unsafe { dev.alloc::<T>(len)? };
+        // SAFETY: the kernel writes every element, zeros for ignored rows. (At least
+        // one element: a zero-byte device allocation is an error.)
+        let grads = unsafe { dev.alloc::<T>(len.max(1))? };
         if dims.n > 0 {
             let inputs = Inputs::<T, L>::new(dims, logits, labels)?;
             let (g_storage, g_layout) = grad_losses.storage_and_layout();
@@ -938,15 +1004,11 @@ mod gpu {
     /// baseline the CUDA benches compare the op with.
     pub fn launch_empty_kernel(dev: &CudaDevice) -> Result<()> {
         let empty = load(dev, MODULE, ptx::CROSS_ENTROPY, "dual_ce_empty")?;
-        let builder = empty.builder();
-        let mut builder = builder;
+        let mut builder = empty.builder();
         // SAFETY: the kernel takes no arguments.
         unsafe { builder.launch(config(1)) }.w()?;
         Ok(())
     }
-
-    #[allow(unused)]
-    fn _layout_unused(_: &Layout) {}
 }
 
 /// Launches an empty kernel once on `device` (CUDA only): the launch-overhead
@@ -957,5 +1019,28 @@ pub fn launch_empty_kernel(device: &candle_core::Device) -> Result<()> {
     match device {
         candle_core::Device::Cuda(dev) => gpu::launch_empty_kernel(dev),
         _ => candle_core::bail!("{OP}: launch_empty_kernel needs a CUDA device"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_f32;
+
+    #[test]
+    fn exp_f32_is_accurate_and_keeps_nan() {
+        let mut worst = 0f64;
+        for k in 0..=200_000 {
+            let x = -90.0 + 90.0 * k as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            if x >= -87.0 {
+                worst = worst.max((got - want).abs() / want);
+            } else {
+                assert!((0.0..2e-38).contains(&got), "exp({x}) = {got}");
+            }
+        }
+        assert!(worst < 5e-7, "worst relative error {worst:e}");
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
     }
 }

@@ -119,14 +119,20 @@ pub fn assert_close_tol(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: 
 }
 
 /// The CUDA device, or `None` after printing why the GPU test is skipped.
+/// With `SENTENCE_MTL_REQUIRE_GPU=1` (set by `scripts/gpu/run.sh` on a GPU
+/// machine) a missing device fails the test instead of skipping it.
 pub fn cuda_device(test: &str) -> Option<Device> {
     #[cfg(feature = "cuda")]
-    match Device::new_cuda(0) {
+    let why = match Device::new_cuda(0) {
         Ok(device) => return Some(device),
-        Err(e) => eprintln!("{test}: skipped, no CUDA device could be opened ({e})"),
-    }
+        Err(e) => format!("no CUDA device could be opened ({e})"),
+    };
     #[cfg(not(feature = "cuda"))]
-    eprintln!("{test}: skipped, built without the `cuda` feature");
+    let why = "built without the `cuda` feature".to_string();
+    if std::env::var("SENTENCE_MTL_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: SENTENCE_MTL_REQUIRE_GPU=1 but {why}");
+    }
+    eprintln!("{test}: skipped, {why}");
     None
 }
 

@@ -101,7 +101,7 @@ fn heads<'a>(a: &'a [f64], b: &'a [f64], labels: &[i64], n: usize) -> [(&'a [f64
         n > 0 || (a.is_empty() && b.is_empty()),
         "reference: logits without rows"
     );
-    let classes = |logits: &[f64]| if n == 0 { 0 } else { logits.len() / n };
+    let classes = |logits: &[f64]| logits.len().checked_div(n).unwrap_or(0);
     let (ca, cb) = (classes(a), classes(b));
     assert_eq!(a.len(), n * ca, "reference: logits_a is not [n, ca]");
     assert_eq!(b.len(), n * cb, "reference: logits_b is not [n, cb]");
