@@ -1,1 +1,309 @@
-// GPU tests of the cosine ops: being merged.
+//! CUDA against the CPU path for `l2_normalize`, `cosine_similarity` and
+//! `cosine_similarity_matrix`, forward and backward, every dtype and layout.
+//! Without a GPU (or the `cuda` feature) each test prints why and returns.
+
+use crate::common::*;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use sentence_mtl::ops::reference::cosine as reference;
+use sentence_mtl::ops::{cosine_similarity, cosine_similarity_matrix, l2_normalize};
+
+const CPU: Device = Device::Cpu;
+
+/// `[N,M,H]`: one row of one element, odd H, H a multiple of the 16-byte pack,
+/// more rows than one block (8), BERT sizes.
+const SHAPES: [(usize, usize, usize); 7] = [
+    (1, 1, 1),
+    (1, 2, 31),
+    (9, 7, 33),
+    (17, 5, 64),
+    (40, 33, 384),
+    (300, 3, 768),
+    (70, 40, 1001),
+];
+
+type Op = fn(&Tensor, &Tensor) -> Result<Tensor>;
+
+/// What the loss does with the op's output.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// `Σ w ⊙ out`, random `w`: a contiguous upstream gradient.
+    Weighted,
+    /// `Σ out`: the upstream gradient is a stride-0 broadcast.
+    Sum,
+}
+
+/// The op's output and the gradients of both inputs, on `device`.
+struct Run {
+    out: Vec<f64>,
+    da: Vec<f64>,
+    db: Vec<f64>,
+}
+
+fn run(
+    op: Op,
+    (a, b): (&Tensor, &Tensor),
+    kinds: (Strided, Strided),
+    (loss, w): (Loss, &Tensor),
+    device: &Device,
+) -> Result<Run> {
+    let (va, vb) = (
+        Var::from_tensor(&a.to_device(device)?)?,
+        Var::from_tensor(&b.to_device(device)?)?,
+    );
+    let a = strided_view(va.as_tensor(), kinds.0)?;
+    let b = strided_view(vb.as_tensor(), kinds.1)?;
+    poison_device(device)?;
+    let out = op(&a, &b)?;
+    let loss = match loss {
+        Loss::Weighted => (&out * w.to_device(device)?)?.sum_all()?,
+        Loss::Sum => out.sum_all()?,
+    };
+    poison_device(device)?;
+    let grads = loss.backward()?;
+    let grad = |v: &Var| values(grads.get(v.as_tensor()).expect("gradient reaches the Var"));
+    Ok(Run {
+        out: values(&out),
+        da: grad(&va),
+        db: grad(&vb),
+    })
+}
+
+/// `|got − want| ≤ atol + rtol·(|want| + scale_row)`: gradients through the
+/// normalisation are accurate relative to their row's scale (see
+/// `reference::gradient_scale`).
+fn assert_grad_close(what: &str, got: &[f64], want: &[f64], scales: &[f64], dtype: DType) {
+    let (rtol, atol) = tolerance(dtype);
+    let h = got.len() / scales.len().max(1);
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
+        let scale = scales[k / h];
+        assert!(g.is_finite(), "{what}: element {k} is {g}, want {w}");
+        assert!(
+            (g - w).abs() <= atol + rtol * (w.abs() + scale),
+            "{what}: element {k} is {g}, want {w} (row scale {scale:.3e})"
+        );
+    }
+}
+
+fn f64s(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F64)
+}
+
+/// Compares one op on CUDA with the CPU path: output, then both gradients.
+fn compare(
+    gpu: &Device,
+    name: &str,
+    op: Op,
+    (a, b): (&Tensor, &Tensor),
+    kinds: (Strided, Strided),
+    loss: Loss,
+) -> Result<()> {
+    let dtype = a.dtype();
+    let mut rng = rng(a.dims().iter().product::<usize>() as u64);
+    let out_dims = op(a, b)?.dims().to_vec();
+    let w = random_tensor(&mut rng, &out_dims, dtype, &CPU)?;
+    let want = run(op, (a, b), kinds, (loss, &w), &CPU)?;
+    let got = run(op, (a, b), kinds, (loss, &w), gpu)?;
+    let what = format!(
+        "{name} {dtype:?} a {:?} b {:?} {kinds:?} {loss:?}",
+        a.dims(),
+        b.dims()
+    );
+
+    let (rtol, atol) = tolerance(dtype);
+    // The matrix form rounds normalised rows to the dtype before the matmul.
+    let atol = if name == "matrix" { 2.0 * atol } else { atol };
+    assert_close_tol(&format!("{what}: forward"), &got.out, &want.out, rtol, atol);
+
+    // The gradient arriving at â and b̂ sets each row's scale.
+    let w = match loss {
+        Loss::Weighted => f64s(&w)?,
+        Loss::Sum => Tensor::ones(out_dims.as_slice(), DType::F64, &CPU)?,
+    };
+    let (a64, b64) = (f64s(a)?, f64s(b)?);
+    let (up_a, up_b) = match name {
+        // normalize_both stacks â over b̂.
+        "l2_normalize" => (
+            w.narrow(0, 0, a.dim(0)?)?,
+            w.narrow(0, a.dim(0)?, b.dim(0)?)?,
+        ),
+        "cosine_similarity" => (
+            l2_normalize(&b64)?.broadcast_mul(&w.unsqueeze(1)?)?,
+            l2_normalize(&a64)?.broadcast_mul(&w.unsqueeze(1)?)?,
+        ),
+        _ => (
+            w.matmul(&l2_normalize(&b64)?)?,
+            w.t()?.matmul(&l2_normalize(&a64)?)?,
+        ),
+    };
+    let h = a.dim(1)?;
+    let scale_a = reference::gradient_scale(&values(&a64), &values(&up_a), h);
+    let scale_b = reference::gradient_scale(&values(&b64), &values(&up_b), h);
+    assert_grad_close(&format!("{what}: da"), &got.da, &want.da, &scale_a, dtype);
+    assert_grad_close(&format!("{what}: db"), &got.db, &want.db, &scale_b, dtype);
+    Ok(())
+}
+
+fn normalize_both(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[l2_normalize(a)?, l2_normalize(b)?], 0)
+}
+
+#[test]
+fn cuda_matches_cpu_forward_and_backward() -> Result<()> {
+    let Some(gpu) = cuda_device("cuda_matches_cpu_forward_and_backward") else {
+        return Ok(());
+    };
+    let ops: [(&str, Op); 3] = [
+        ("l2_normalize", normalize_both),
+        ("cosine_similarity", cosine_similarity),
+        ("matrix", cosine_similarity_matrix),
+    ];
+    let mut rng = rng(1);
+    for dtype in FLOAT_DTYPES {
+        for (i, &(n, m, h)) in SHAPES.iter().enumerate() {
+            let a = random_tensor(&mut rng, &[n, h], dtype, &CPU)?;
+            for (j, kind_a) in STRIDED_KINDS.into_iter().enumerate() {
+                let kind_b = STRIDED_KINDS[(i + j) % STRIDED_KINDS.len()];
+                let loss = if (i + j) % 3 == 0 {
+                    Loss::Sum
+                } else {
+                    Loss::Weighted
+                };
+                for (name, op) in ops {
+                    let rows_b = if name == "matrix" { m } else { n };
+                    let b = random_tensor(&mut rng, &[rows_b, h], dtype, &CPU)?;
+                    compare(&gpu, name, op, (&a, &b), (kind_a, kind_b), loss)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cuda_handles_zero_tiny_and_self_rows() -> Result<()> {
+    let Some(gpu) = cuda_device("cuda_handles_zero_tiny_and_self_rows") else {
+        return Ok(());
+    };
+    let mut rng = rng(2);
+    for dtype in [DType::F32, DType::F64] {
+        // Rows with norm 0, below the clamp, and ordinary, over 12 rows (two blocks).
+        let base = random_tensor(&mut rng, &[12, 40], DType::F64, &CPU)?;
+        let scales: Vec<f64> = (0..12).map(|i| [0.0, 1e-14, 1.0][i % 3]).collect();
+        let scales = Tensor::from_vec(scales, (12, 1), &CPU)?;
+        let a = base.broadcast_mul(&scales)?.to_dtype(dtype)?;
+        let b = random_tensor(&mut rng, &[12, 40], dtype, &CPU)?;
+        let kinds = (Strided::Contiguous, Strided::Offset);
+        compare(
+            &gpu,
+            "l2_normalize",
+            normalize_both,
+            (&a, &b),
+            kinds,
+            Loss::Weighted,
+        )?;
+        compare(
+            &gpu,
+            "cosine_similarity",
+            cosine_similarity,
+            (&a, &b),
+            kinds,
+            Loss::Weighted,
+        )?;
+        compare(
+            &gpu,
+            "cosine_similarity",
+            cosine_similarity,
+            (&b, &a),
+            kinds,
+            Loss::Sum,
+        )?;
+        compare(
+            &gpu,
+            "matrix",
+            cosine_similarity_matrix,
+            (&a, &b),
+            kinds,
+            Loss::Weighted,
+        )?;
+        let cos = cosine_similarity(&a.to_device(&gpu)?, &b.to_device(&gpu)?)?;
+        assert_eq!(values(&cos)[0], 0.0, "a zero row has similarity 0");
+    }
+    // A tensor against itself: normalised once, both gradients summed.
+    let x = Var::from_tensor(&random_tensor(&mut rng, &[33, 65], DType::F32, &gpu)?)?;
+    let s = cosine_similarity_matrix(x.as_tensor(), x.as_tensor())?;
+    let xv = values(x.as_tensor());
+    let want = reference::cosine_similarity_matrix(&xv, &xv, 65);
+    assert_close("self-similarity", &values(&s), &want, DType::F32);
+    let dx = values(s.sum_all()?.backward()?.get(x.as_tensor()).unwrap());
+    let ones = vec![1.0; 33 * 33];
+    let (d1, d2) = reference::cosine_similarity_matrix_backward(&xv, &xv, &ones, 65);
+    let want: Vec<f64> = d1.iter().zip(&d2).map(|(p, q)| p + q).collect();
+    // Each element is a difference of terms ~‖Σ x̂‖/‖x‖: compare relative to the
+    // largest element rather than to each.
+    let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert_close_tol(
+        "self-similarity dx",
+        &dx,
+        &want,
+        0.0,
+        1e-5 * largest.max(1.0),
+    );
+    Ok(())
+}
+
+#[test]
+fn cuda_l2_normalize_takes_any_rank() -> Result<()> {
+    let Some(gpu) = cuda_device("cuda_l2_normalize_takes_any_rank") else {
+        return Ok(());
+    };
+    let mut rng = rng(3);
+    for dims in [vec![77], vec![3, 5, 130], vec![2, 3, 4, 24]] {
+        let x = random_tensor(&mut rng, &dims, DType::BF16, &CPU)?;
+        let kind = Strided::Transposed;
+        let want = l2_normalize(&strided_view(&x, kind)?)?;
+        poison_device(&gpu)?;
+        let got = l2_normalize(&strided_view(&x.to_device(&gpu)?, kind)?)?;
+        assert_eq!(got.dims(), &dims[..]);
+        assert_close("rank", &values(&got), &values(&want), DType::BF16);
+    }
+    Ok(())
+}
+
+#[test]
+fn cuda_bad_input_gives_the_same_errors() -> Result<()> {
+    let Some(gpu) = cuda_device("cuda_bad_input_gives_the_same_errors") else {
+        return Ok(());
+    };
+    let mut rng = rng(4);
+    let a = random_tensor(&mut rng, &[4, 8], DType::F32, &gpu)?;
+    let a_cpu = a.to_device(&CPU)?;
+    let wide = random_tensor(&mut rng, &[4, 9], DType::F32, &gpu)?;
+    let tall = random_tensor(&mut rng, &[5, 8], DType::F32, &gpu)?;
+    let f16s = a.to_dtype(DType::F16)?;
+    let ints = Tensor::zeros((4, 8), DType::U32, &gpu)?;
+    let rank3 = a.unsqueeze(0)?;
+    let ops: [(&str, Op); 2] = [
+        ("cosine_similarity", cosine_similarity),
+        ("cosine_similarity_matrix", cosine_similarity_matrix),
+    ];
+    let message = |r: Result<Tensor>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    for (name, op) in ops {
+        let on_two_devices = message(op(&a, &a_cpu));
+        assert!(
+            on_two_devices.contains(name)
+                && on_two_devices.contains("Cuda")
+                && on_two_devices.contains("Cpu"),
+            "{on_two_devices:?}"
+        );
+        // The same input on the CPU gives the same message.
+        for (x, y) in [(&a, &wide), (&a, &f16s), (&ints, &ints), (&rank3, &a)] {
+            let on_gpu = message(op(x, y));
+            let on_cpu = message(op(&x.to_device(&CPU)?, &y.to_device(&CPU)?));
+            assert!(on_gpu.contains(name), "{on_gpu:?}");
+            assert_eq!(on_gpu, on_cpu);
+        }
+    }
+    let rows = message(cosine_similarity(&a, &tall));
+    assert!(rows.contains("same number of rows N"), "{rows:?}");
+    Ok(())
+}
