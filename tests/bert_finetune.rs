@@ -178,6 +178,20 @@ fn dropout_only_in_training_and_both_paths_agree() {
         max_diff(&train_a, &train_b) > 1e-2,
         "dropout does nothing in training"
     );
+    // Seeded, the masks repeat; another seed draws others.
+    let seeded = |seed| {
+        encoder.seed_dropout(seed);
+        run(true)
+    };
+    assert_eq!(
+        max_diff(&seeded(7), &seeded(7)),
+        0.0,
+        "seeded dropout repeats"
+    );
+    assert!(
+        max_diff(&seeded(7), &seeded(8)) > 1e-2,
+        "seeds give other masks"
+    );
     let (eval_a, eval_b) = (run(false), run(false));
     assert_eq!(max_diff(&eval_a, &eval_b), 0.0, "eval is not deterministic");
 

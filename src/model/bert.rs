@@ -6,11 +6,11 @@
 //! the attention mask stays finite in f16 and bf16.
 
 use candle_core::{bail, DType, Result, Tensor};
-use candle_nn::{embedding, linear, Embedding, Linear, Module, VarBuilder};
+use candle_nn::{embedding, Embedding, Module, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
 use super::layers::{
-    accumulation_dtype, attention_bias, dropout, softmax_last_dim, LayerNorm, Pass,
+    accumulation_dtype, attention_bias, softmax_last_dim, Dense, Dropout, LayerNorm, Pass,
 };
 
 pub use super::checkpoint::load_trainable;
@@ -47,7 +47,7 @@ impl Embeddings {
         &self,
         input_ids: &Tensor,
         token_type_ids: Option<&Tensor>,
-        p_drop: f32,
+        drop: &Dropout,
         pass: Pass,
     ) -> Result<Tensor> {
         let len = input_ids.dim(1)?;
@@ -68,16 +68,16 @@ impl Embeddings {
             .narrow(0, 0, len)?
             .unsqueeze(0)?;
         let summed = words.broadcast_add(&types)?.broadcast_add(&positions)?;
-        dropout(&self.norm.forward(&summed, pass)?, p_drop, pass)
+        drop.forward(&self.norm.forward(&summed, pass)?, pass)
     }
 }
 
 /// Multi-head self-attention, up to the concatenated heads (before `output.dense`).
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    query: Dense,
+    key: Dense,
+    value: Dense,
     heads: usize,
     head_size: usize,
 }
@@ -86,9 +86,9 @@ impl SelfAttention {
     fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
         let hidden = config.hidden_size;
         Ok(Self {
-            query: linear(hidden, hidden, vb.pp("query"))?,
-            key: linear(hidden, hidden, vb.pp("key"))?,
-            value: linear(hidden, hidden, vb.pp("value"))?,
+            query: Dense::load(hidden, hidden, vb.pp("query"))?,
+            key: Dense::load(hidden, hidden, vb.pp("key"))?,
+            value: Dense::load(hidden, hidden, vb.pp("value"))?,
             heads: config.num_attention_heads,
             head_size: hidden / config.num_attention_heads,
         })
@@ -96,7 +96,7 @@ impl SelfAttention {
 
     /// `x` is `[B, T, H]`; `bias` the `[B, 1, 1, T]` mask bias in the
     /// accumulation dtype of `x`.
-    fn forward(&self, x: &Tensor, bias: &Tensor, p_drop: f32, pass: Pass) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, bias: &Tensor, drop: &Dropout, pass: Pass) -> Result<Tensor> {
         let (batch, len, hidden) = x.dims3()?;
         // [B, T, H] -> [B, heads, T, head_size]
         let split = |y: Tensor| {
@@ -113,7 +113,7 @@ impl SelfAttention {
         let scores =
             (scores.to_dtype(accumulation_dtype(x.dtype()))? * scale)?.broadcast_add(bias)?;
         let probs = softmax_last_dim(&scores, pass)?.to_dtype(x.dtype())?;
-        let probs = dropout(&probs, p_drop, pass)?;
+        let probs = drop.forward(&probs, pass)?;
         probs
             .matmul(&value)?
             .transpose(1, 2)?
@@ -126,11 +126,11 @@ impl SelfAttention {
 #[derive(Debug, Clone)]
 struct Layer {
     attention: SelfAttention,
-    attention_output: Linear,
+    attention_output: Dense,
     attention_norm: LayerNorm,
-    intermediate: Linear,
+    intermediate: Dense,
     activation: HiddenAct,
-    output: Linear,
+    output: Dense,
     output_norm: LayerNorm,
 }
 
@@ -141,15 +141,15 @@ impl Layer {
         let attention = vb.pp("attention");
         Ok(Self {
             attention: SelfAttention::load(attention.pp("self"), config)?,
-            attention_output: linear(hidden, hidden, attention.pp("output").pp("dense"))?,
+            attention_output: Dense::load(hidden, hidden, attention.pp("output").pp("dense"))?,
             attention_norm: LayerNorm::load(hidden, eps, attention.pp("output").pp("LayerNorm"))?,
-            intermediate: linear(
+            intermediate: Dense::load(
                 hidden,
                 config.intermediate_size,
                 vb.pp("intermediate").pp("dense"),
             )?,
             activation: config.hidden_act,
-            output: linear(
+            output: Dense::load(
                 config.intermediate_size,
                 hidden,
                 vb.pp("output").pp("dense"),
@@ -158,18 +158,18 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, bias: &Tensor, p_drop: f32, pass: Pass) -> Result<Tensor> {
-        let context = self.attention.forward(x, bias, p_drop, pass)?;
-        let attended = dropout(&self.attention_output.forward(&context)?, p_drop, pass)?;
+    fn forward(&self, x: &Tensor, bias: &Tensor, drop: &Dropout, pass: Pass) -> Result<Tensor> {
+        let context = self.attention.forward(x, bias, drop, pass)?;
+        let attended = drop.forward(&self.attention_output.forward(&context)?, pass)?;
         let x = self.attention_norm.forward(&(attended + x)?, pass)?;
 
         let inner = self.intermediate.forward(&x)?;
         let inner = match self.activation {
-            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::Gelu => crate::ops::gelu_erf(&inner)?,
             HiddenAct::GeluApproximate => inner.gelu()?,
             HiddenAct::Relu => inner.relu()?,
         };
-        let out = dropout(&self.output.forward(&inner)?, p_drop, pass)?;
+        let out = drop.forward(&self.output.forward(&inner)?, pass)?;
         self.output_norm.forward(&(out + x)?, pass)
     }
 }
@@ -185,7 +185,8 @@ pub struct BertEncoder {
     /// Dropout probability, from `hidden_dropout_prob`; also used on the
     /// attention probabilities (candle's `Config` has no
     /// `attention_probs_dropout_prob`; BERT checkpoints set both to 0.1).
-    dropout: f32,
+    /// Seedable: see [`BertEncoder::seed_dropout`].
+    dropout: Dropout,
 }
 
 impl BertEncoder {
@@ -205,8 +206,15 @@ impl BertEncoder {
             layers,
             hidden_size: config.hidden_size,
             max_positions: config.max_position_embeddings,
-            dropout: config.hidden_dropout_prob as f32,
+            dropout: Dropout::new(config.hidden_dropout_prob as f32),
         })
+    }
+
+    /// Restarts the dropout masks' random stream from `seed`, so that a
+    /// training forward pass is a function of its inputs and the seed. (Until
+    /// then the stream is seeded by the operating system.)
+    pub fn seed_dropout(&self, seed: u64) {
+        self.dropout.reseed(seed);
     }
 
     pub fn num_layers(&self) -> usize {
@@ -327,10 +335,10 @@ impl BertEncoder {
         let bias = attention_bias(attention_mask, accumulation_dtype(self.dtype()))?;
         let mut hidden =
             self.embeddings
-                .forward(input_ids, token_type_ids, self.dropout, pass_of(0))?;
+                .forward(input_ids, token_type_ids, &self.dropout, pass_of(0))?;
         hidden = detach_if(0, hidden);
         for (i, layer) in self.layers.iter().enumerate() {
-            hidden = layer.forward(&hidden, &bias, self.dropout, pass_of(i + 1))?;
+            hidden = layer.forward(&hidden, &bias, &self.dropout, pass_of(i + 1))?;
             hidden = detach_if(i + 1, hidden);
         }
         Ok(hidden)

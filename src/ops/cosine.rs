@@ -64,6 +64,7 @@ use candle_core::{
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
+use super::buffer::output_buffer;
 use super::dtype::{unsupported_dtype, Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
 use crate::with_float_dtype;
@@ -506,7 +507,8 @@ mod cpu {
 
     pub(super) fn normalize<T: FloatElem>(x: &Rows<T>) -> Vec<T> {
         let (n, h) = (x.count(), x.len());
-        let mut out = vec![T::zero(); n * h];
+        // SAFETY: every row is written by for_each_row.
+        let mut out = unsafe { output_buffer::<T>(n * h) };
         for_each_row(&mut out, h, n * h, |s, i, y| {
             let row = x.row(i, &mut s.x);
             let (d, _) = clamped_norm(sum_sq(row));
@@ -521,7 +523,8 @@ mod cpu {
     /// `dx = g/d − x·⟨x,g⟩/d³` with `d = ‖x‖` at or above the clamp, else `g/EPS`.
     pub(super) fn normalize_backward<T: FloatElem>(x: &Rows<T>, g: &Rows<T>) -> Vec<T> {
         let (n, h) = (x.count(), x.len());
-        let mut out = vec![T::zero(); n * h];
+        // SAFETY: every row is written (axpby) by for_each_row.
+        let mut out = unsafe { output_buffer::<T>(n * h) };
         for_each_row(&mut out, h, 2 * n * h, |s, i, dx| {
             let (xr, gr) = (x.row(i, &mut s.x), g.row(i, &mut s.y));
             let [xg, xx, _] = dots(xr, gr);
@@ -539,7 +542,8 @@ mod cpu {
 
     pub(super) fn row_cosine<T: FloatElem>(a: &Rows<T>, b: &Rows<T>) -> Vec<T> {
         let (n, h) = (a.count(), a.len());
-        let mut out = vec![T::zero(); n];
+        // SAFETY: every row's cosine is written by for_each_row.
+        let mut out = unsafe { output_buffer::<T>(n) };
         for_each_row(&mut out, 1, 2 * n * h, |s, i, cos| {
             let [ab, aa, bb] = dots(a.row(i, &mut s.x), b.row(i, &mut s.y));
             cos[0] = T::from_acc(ab / (clamped_norm(aa).0 * clamped_norm(bb).0));
@@ -555,7 +559,8 @@ mod cpu {
         grad: impl Fn(usize) -> T + Sync + Send,
     ) -> Vec<T> {
         let (n, h) = (a.count(), a.len());
-        let mut out = vec![T::zero(); 2 * n * h];
+        // SAFETY: every row of da and db is written (axpby) below.
+        let mut out = unsafe { output_buffer::<T>(2 * n * h) };
         if h == 0 {
             return out;
         }

@@ -28,11 +28,12 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use num_traits::{Float, Zero};
+use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
 use super::dtype::{Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
+use super::math::exp_f32;
 use crate::with_float_dtype;
 
 const OP: &str = "dual_head_cross_entropy";
@@ -88,7 +89,11 @@ pub fn dual_head_cross_entropy(
     check_same_dtype(OP, ("logits_a", logits_a), ("logits_b", logits_b))?;
     check_float_logits(logits_a.dtype())?;
     check_label_dtype(labels.dtype())?;
-    logits_a.apply_op3(logits_b, labels, DualCrossEntropy::default())
+    let op = DualCrossEntropy {
+        keep_grads: logits_a.track_op() || logits_b.track_op(),
+        ..Default::default()
+    };
+    logits_a.apply_op3(logits_b, labels, op)
 }
 
 /// The same losses as [`dual_head_cross_entropy`], composed from candle's tensor
@@ -282,9 +287,16 @@ fn decode<L: Label>(label: L, classes: usize) -> std::result::Result<Option<usiz
 /// Forward op: `(logits_a, logits_b, labels) -> [2]`. The forward records the
 /// per-head counts of labelled rows (the CUDA path reads them back with the label
 /// check anyway), so that the backward is one pass with no reduction of its own.
+///
+/// On the CPU, when a gradient may be wanted (`keep_grads`), the forward also
+/// writes `softmax − onehot` of every labelled row while the exponentials are
+/// at hand (in the accumulator dtype, so that scaling rounds once); the
+/// backward then only scales it by `g[h] / n_h`.
 #[derive(Default)]
 struct DualCrossEntropy {
+    keep_grads: bool,
     labelled_rows: OnceLock<[usize; 2]>,
+    cpu_grads: OnceLock<Tensor>,
 }
 
 /// Backward op: `(logits_a, logits_b, labels) -> [N·Ca + N·Cb]`, both gradients
@@ -316,9 +328,16 @@ impl CustomOp3 for DualCrossEntropy {
             with_label_dtype!(sl.dtype(), L => {
                 let logits = [Logits::<T>::new(sa, logits[0])?, Logits::<T>::new(sb, logits[1])?];
                 let labels = Labels::<L>::new(sl, labels)?;
-                forward_cpu(dims, &logits, &labels).map(|(losses, counts)| {
-                    (T::to_cpu_storage(&losses), counts)
-                })
+                if self.keep_grads {
+                    let (losses, counts, grads) = forward_with_grads_cpu(dims, &logits, &labels)?;
+                    let grads = Tensor::from_vec(grads, grad_len(dims), &candle_core::Device::Cpu)?;
+                    let _ = self.cpu_grads.set(grads);
+                    Ok((T::to_cpu_storage(&losses), counts))
+                } else {
+                    forward_cpu(dims, &logits, &labels).map(|(losses, counts)| {
+                        (T::to_cpu_storage(&losses), counts)
+                    })
+                }
             })
         })?;
         let _ = self.labelled_rows.set(counts);
@@ -357,6 +376,18 @@ impl CustomOp3 for DualCrossEntropy {
         let Some(&labelled_rows) = self.labelled_rows.get() else {
             candle_core::bail!("{OP}: backward called before the forward pass ran");
         };
+        if let Some(grads) = self.cpu_grads.get() {
+            // scales[h] = g[h] / n_h (0 for a head without labelled rows)
+            let inv_rows = labelled_rows.map(|n| if n == 0 { 0.0 } else { 1.0 / n as f64 });
+            let inv_rows = Tensor::new(&inv_rows, grads.device())?.to_dtype(grads.dtype())?;
+            let scales = (grad_losses.to_dtype(grads.dtype())? * inv_rows)?;
+            let (grad_a, grad_b) = split_grads(grads, logits_a.dims(), logits_b.dims())?;
+            let scaled = |g: Tensor, h: usize| -> Result<Tensor> {
+                g.broadcast_mul(&scales.narrow(0, h, 1)?)?
+                    .to_dtype(logits_a.dtype())
+            };
+            return Ok((Some(scaled(grad_a, 0)?), Some(scaled(grad_b, 1)?), None));
+        }
         let backward = DualCrossEntropyBackward {
             labelled_rows,
             grad_losses: grad_losses.contiguous()?,
@@ -505,34 +536,6 @@ impl ExpInPlace for f64 {
             *v = v.exp();
         }
     }
-}
-
-/// `exp(x)` to within a few ulp for x <= 88 (here x <= 0: logits minus their row
-/// max); NaN stays NaN. `exp(x) = 2^n · exp(r)` with `n = round(x / ln 2)`,
-/// `|r| <= ln(2)/2`, and `exp(r)` from its degree-6 Taylor polynomial (truncation
-/// error below 2e-7 relative).
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n * LN2_HI is exact for the n that occur.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    // exp(-87) is still a normal f32; below it the result only matters as ~0.
-    let x = if x < -87.0 { -87.0 } else { x };
-    let rounded = x * LOG2_E + ROUND;
-    let n = rounded - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // `rounded`'s low mantissa bits hold n (its ulp is 1): build 2^n's exponent
-    // from them with integer ops, which vectorise (a float-to-int cast does not).
-    let n_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
-    let two_to_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
-    p * two_to_n
 }
 
 /// One head's logits on the CPU: the storage slice and its strided view.
@@ -715,6 +718,12 @@ where
             return Err(e);
         }
     };
+    Ok(mean_losses::<T>(partials))
+}
+
+/// Sums the partials in order (the same result for any thread count) into the
+/// two mean losses (0 for a head without labelled rows) and the counts.
+fn mean_losses<T: FloatElem>(partials: Vec<Partial<T::Acc>>) -> ([T; 2], [usize; 2]) {
     let mut total = Partial {
         loss: [T::Acc::zero(); 2],
         count: [0; 2],
@@ -729,7 +738,78 @@ where
         0 => T::Acc::zero(),
         n => total.loss[h] / T::Acc::of(n as f64),
     };
-    Ok(([T::from_acc(mean(0)), T::from_acc(mean(1))], total.count))
+    ([T::from_acc(mean(0)), T::from_acc(mean(1))], total.count)
+}
+
+/// The forward with the unscaled gradients: the two mean losses, the
+/// labelled-row counts and `softmax − onehot` for every labelled row (zero for
+/// ignored rows), head A's `[N,Ca]` then head B's `[N,Cb]`, in the accumulator
+/// type. One pass over the logits, chunks of rows in parallel.
+#[allow(clippy::type_complexity)]
+fn forward_with_grads_cpu<T: FloatElem, L: Label>(
+    dims: Dims,
+    logits: &[Logits<'_, T>; 2],
+    labels: &Labels<'_, L>,
+) -> Result<([T; 2], [usize; 2], Vec<T::Acc>)>
+where
+    T::Acc: ExpInPlace + WithDType,
+{
+    let mut grads = vec![T::Acc::zero(); grad_len(dims)];
+    let (grad_a, grad_b) = grads.split_at_mut(dims.n * dims.classes[0]);
+    let chunk = |(rows, outs): (std::ops::Range<usize>, [&mut [T::Acc]; 2])| {
+        let mut part = Partial {
+            loss: [T::Acc::zero(); 2],
+            count: [0; 2],
+        };
+        let mut tile = Tile::new();
+        for start in rows.clone().step_by(tile_rows(dims)) {
+            let tile_rows = start..(start + tile_rows(dims)).min(rows.end);
+            for (head, logits) in logits.iter().enumerate() {
+                let classes = dims.classes[head];
+                tile.fill(tile_rows.clone(), head, logits, labels)?;
+                for (i, label, shifted_label, exps) in tile.labelled_rows(classes) {
+                    let sum_exp: T::Acc = exps.iter().copied().sum();
+                    part.loss[head] += sum_exp.ln() - shifted_label;
+                    let out = &mut outs[head][(i - rows.start) * classes..][..classes];
+                    let inv = sum_exp.recip();
+                    for (o, &e) in out.iter_mut().zip(exps) {
+                        *o = e * inv;
+                    }
+                    out[label] -= T::Acc::one();
+                }
+                part.count[head] += tile.rows.len();
+            }
+        }
+        Ok(part)
+    };
+    let step = chunk_rows(dims);
+    let (step_a, step_b) = (step * dims.classes[0], step * dims.classes[1]);
+    let partials: Result<Vec<Partial<T::Acc>>> = if run_parallel(dims) {
+        chunks(dims)
+            .into_par_iter()
+            .zip(
+                grad_a
+                    .par_chunks_mut(step_a)
+                    .zip(grad_b.par_chunks_mut(step_b)),
+            )
+            .map(|(rows, (a, b))| chunk((rows, [a, b])))
+            .collect()
+    } else {
+        chunks(dims)
+            .into_iter()
+            .zip(grad_a.chunks_mut(step_a).zip(grad_b.chunks_mut(step_b)))
+            .map(|(rows, (a, b))| chunk((rows, [a, b])))
+            .collect()
+    };
+    let partials = match partials {
+        Ok(partials) => partials,
+        Err(e) => {
+            labels.first_error(dims)?;
+            return Err(e);
+        }
+    };
+    let (losses, counts) = mean_losses::<T>(partials);
+    Ok((losses, counts, grads))
 }
 
 /// Both heads' gradients, head A's `[N,Ca]` then head B's `[N,Cb]`, row-major:
@@ -1019,28 +1099,5 @@ pub fn launch_empty_kernel(device: &candle_core::Device) -> Result<()> {
     match device {
         candle_core::Device::Cuda(dev) => gpu::launch_empty_kernel(dev),
         _ => candle_core::bail!("{OP}: launch_empty_kernel needs a CUDA device"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp_f32;
-
-    #[test]
-    fn exp_f32_is_accurate_and_keeps_nan() {
-        let mut worst = 0f64;
-        for k in 0..=200_000 {
-            let x = -90.0 + 90.0 * k as f32 / 200_000.0;
-            let want = (x as f64).exp();
-            let got = exp_f32(x) as f64;
-            if x >= -87.0 {
-                worst = worst.max((got - want).abs() / want);
-            } else {
-                assert!((0.0..2e-38).contains(&got), "exp({x}) = {got}");
-            }
-        }
-        assert!(worst < 5e-7, "worst relative error {worst:e}");
-        assert!(exp_f32(f32::NAN).is_nan());
-        assert_eq!(exp_f32(0.0), 1.0);
     }
 }

@@ -1,6 +1,6 @@
 //! Strided views of op inputs and the shape checks every op shares.
 
-use candle_core::{Layout, Result, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Tensor, WithDType};
 
 /// A rank-`N` strided view: element `idx` lives at `offset + Σ idx[i]·strides[i]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,4 +82,17 @@ pub fn check_same_dtype(op: &str, a: (&str, &Tensor), b: (&str, &Tensor)) -> Res
         );
     }
     Ok(())
+}
+
+/// The elements of a contiguous CPU input (ops that take only contiguous
+/// inputs make them so first); the start offset of a narrowed tensor is honoured.
+pub fn contiguous_slice<'a, T: WithDType>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!("{op}: internal error, input not contiguous"),
+    }
 }

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use num_traits::Zero;
 use rayon::prelude::*;
 
+use super::buffer::output_buffer;
 use super::dtype::{Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, View};
 use crate::with_float_dtype;
@@ -315,7 +316,8 @@ fn clamped_count<A: Accum>(count: usize) -> A {
 /// H-long accumulator (the inner loop runs over contiguous H and vectorises).
 fn forward_cpu<T: FloatElem>(hidden: &[T], hv: View<3>, flags: &[u8], fv: View<2>) -> Vec<T> {
     let [b, t, h] = hv.dims;
-    let mut pooled = vec![T::zero(); b * h];
+    // SAFETY: every row of the output is written by for_each_row.
+    let mut pooled = unsafe { output_buffer::<T>(b * h) };
     let h_stride = hv.strides[2];
     for_each_row(&mut pooled, h, b * t * h, |bi, out| {
         let mut sum = vec![T::Acc::zero(); h];

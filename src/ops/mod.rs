@@ -7,20 +7,35 @@
 //! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`] | `cosine.rs` | `kernels/cosine.cu` |
 //! | [`dual_head_cross_entropy`] | `cross_entropy.rs` | `kernels/cross_entropy.cu` |
 //!
+//!
+//! The encoder's training path adds CPU ops with a fused backward where
+//! candle's composed ops are slow on the CPU ([`layer_norm`], [`add_bias`],
+//! [`sum_rows`], [`softmax_last_dim`], [`gelu_erf`]); on other devices they compose candle ops.
+//!
 //! Every op takes f32, f16, bf16 and f64 (f16/bf16 accumulate in f32), honours
 //! strided and offset inputs, and returns an `Err` naming the problem for bad input.
 //! [`reference`] holds a plain f64 implementation of each, forward and backward.
 
+pub mod bias;
+mod buffer;
 pub mod cosine;
 pub mod cross_entropy;
 pub mod dtype;
+pub mod gelu;
+pub mod layer_norm;
 pub mod layout;
+pub mod math;
 pub mod mean_pool;
 pub mod reference;
+pub mod softmax;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use bias::{add_bias, sum_rows};
 pub use cosine::{cosine_similarity, cosine_similarity_matrix, l2_normalize};
 pub use cross_entropy::{dual_head_cross_entropy, IGNORE_INDEX};
+pub use gelu::gelu_erf;
+pub use layer_norm::layer_norm;
 pub use mean_pool::masked_mean_pool;
+pub use softmax::softmax_last_dim;

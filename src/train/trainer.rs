@@ -8,10 +8,10 @@
 //! an AdamW step at the scheduled learning rates. After each epoch both heads
 //! are scored on the validation splits and a checkpoint is written atomically.
 //!
-//! Determinism: batches are a function of `(seed, epoch)` and the heads are
-//! initialised from the seed, so with dropout off (or seeded in the encoder) the
-//! same seed gives the same losses on the CPU, and a resumed run the same result
-//! as one that never stopped.
+//! Determinism: batches are a function of `(seed, epoch)`, dropout masks of
+//! `(seed, step)` and the heads are initialised from the seed, so the same seed
+//! gives the same losses on the CPU, and a resumed run the same result as one
+//! that never stopped.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -745,6 +745,11 @@ fn step_on(
     device: &Device,
 ) -> anyhow::Result<([Option<f32>; 2], f32, Option<f32>)> {
     let batch = collate(rows, run.pad_id, device)?;
+    // Dropout masks are a function of (seed, step), so that a run, and a run
+    // resumed from a checkpoint, repeat exactly.
+    run.model
+        .encoder()
+        .seed_dropout(dropout_seed(config.seed, run.state.global_step));
     let logits = run.model.forward(
         &batch.input_ids,
         Some(&batch.token_type_ids),
@@ -779,6 +784,11 @@ fn step_on(
     let has_rows = Head::BOTH.map(|h| rows.iter().any(|r| r.head == h));
     let loss = Head::BOTH.map(|h| has_rows[h.index()].then_some(per_head[h.index()]));
     Ok((loss, total, grad_norm))
+}
+
+/// The dropout seed of the step after `global_step` steps.
+fn dropout_seed(seed: u64, global_step: usize) -> u64 {
+    seed ^ (global_step as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
 /// Each head's mean batch loss over the steps of `epoch` (1-based).
