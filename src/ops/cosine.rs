@@ -444,29 +444,29 @@ mod cpu {
         }
     }
 
-    /// `[Σx·y, Σx², Σy²]` in the accumulator type.
-    #[allow(clippy::needless_range_loop)] // k indexes three accumulators and two chunks
+    /// `[Σx·y, Σx², Σy²]` in the accumulator type: three single-sum loops over
+    /// the (cache-resident) rows, each of which vectorises; one loop with three
+    /// sums did not.
     fn dots<T: FloatElem>(x: &[T], y: &[T]) -> [Acc<T>; 3] {
-        let zero = Acc::<T>::zero();
-        let (mut xy, mut xx, mut yy) = ([zero; LANES], [zero; LANES], [zero; LANES]);
+        [dot(x, y), sum_sq(x), sum_sq(y)]
+    }
+
+    /// `Σx·y` in the accumulator type.
+    #[allow(clippy::needless_range_loop)]
+    fn dot<T: FloatElem>(x: &[T], y: &[T]) -> Acc<T> {
+        let mut xy = [Acc::<T>::zero(); LANES];
         let (xs, ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
         let tail = xs.remainder().iter().zip(ys.remainder());
         for (xc, yc) in xs.zip(ys) {
             for k in 0..LANES {
-                let (u, v) = (xc[k].to_acc(), yc[k].to_acc());
-                xy[k] += u * v;
-                xx[k] += u * u;
-                yy[k] += v * v;
+                xy[k] += xc[k].to_acc() * yc[k].to_acc();
             }
         }
-        let mut sums = [xy, xx, yy].map(|lanes| lanes.into_iter().sum::<Acc<T>>());
+        let mut sum: Acc<T> = xy.into_iter().sum();
         for (u, v) in tail {
-            let (u, v) = (u.to_acc(), v.to_acc());
-            sums[0] += u * v;
-            sums[1] += u * u;
-            sums[2] += v * v;
+            sum += u.to_acc() * v.to_acc();
         }
-        sums
+        sum
     }
 
     /// `Σx²` in the accumulator type.
