@@ -37,6 +37,9 @@ fn composed_backward(grad: &Tensor, mask: &Tensor) -> Result<Tensor> {
 
 type Op = fn(&Tensor, &Tensor) -> Result<Tensor>;
 
+/// A benchmark group: name, input shape, bytes moved, the fused and composed ops.
+type Run<'a> = (&'a str, &'a [usize], usize, [(&'a str, Op); 2]);
+
 fn fused_forward_backward(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     forward_backward(hidden, mask, masked_mean_pool)
 }
@@ -135,7 +138,7 @@ pub fn benches(c: &mut Criterion) {
         let forward_bytes = b * t * h * size + b * t + b * h * size;
         // Backward: read the pooled gradient and the mask, write dhidden.
         let backward_bytes = b * h * size + b * t + b * t * h * size;
-        let runs: [(&str, &[usize], usize, [(&str, Op); 2]); 3] = [
+        let runs: [Run; 3] = [
             (
                 "mean_pool_cuda_forward",
                 &[b, t, h],
