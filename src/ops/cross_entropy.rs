@@ -428,7 +428,16 @@ impl CustomOp3 for DualCrossEntropyBackward {
                 let labels = Labels::<L>::new(sl, labels)?;
                 let g = self.grad_losses.to_vec1::<T>()?;
                 let scales = head_scales([g[0].to_acc(), g[1].to_acc()], self.labelled_rows);
-                backward_cpu(dims, &logits, &labels, scales).map(T::to_cpu_storage_owned)
+                // The same pass the forward makes when it keeps the gradient,
+                // then the per-head scale.
+                let (_, _, unscaled) = forward_with_grads_cpu(dims, &logits, &labels)?;
+                let rows_a = dims.n * dims.classes[0];
+                let grads: Vec<T> = unscaled
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| T::from_acc(v * scales[usize::from(i >= rows_a)]))
+                    .collect();
+                Ok(T::to_cpu_storage_owned(grads))
             })
         })?;
         Ok((grads, Shape::from_dims(&[grad_len(dims)])))
@@ -810,65 +819,6 @@ where
     };
     let (losses, counts) = mean_losses::<T>(partials);
     Ok((losses, counts, grads))
-}
-
-/// Both heads' gradients, head A's `[N,Ca]` then head B's `[N,Cb]`, row-major:
-/// `(softmax(row) - onehot(label)) * scales[head]`, zero for ignored rows.
-fn backward_cpu<T: FloatElem, L: Label>(
-    dims: Dims,
-    logits: &[Logits<'_, T>; 2],
-    labels: &Labels<'_, L>,
-    scales: [T::Acc; 2],
-) -> Result<Vec<T>>
-where
-    T::Acc: ExpInPlace,
-{
-    // Zero-filled: ignored rows need no further write.
-    let mut grads = vec![T::from_acc(T::Acc::zero()); grad_len(dims)];
-    let (grad_a, grad_b) = grads.split_at_mut(dims.n * dims.classes[0]);
-    let chunk = |(rows, outs): (std::ops::Range<usize>, [&mut [T]; 2])| -> Result<()> {
-        let mut tile = Tile::new();
-        for start in rows.clone().step_by(tile_rows(dims)) {
-            let tile_rows = start..(start + tile_rows(dims)).min(rows.end);
-            for (head, logits) in logits.iter().enumerate() {
-                let (classes, scale) = (dims.classes[head], scales[head]);
-                tile.fill(tile_rows.clone(), head, logits, labels)?;
-                for (i, label, _, exps) in tile.labelled_rows(classes) {
-                    let out = &mut outs[head][(i - rows.start) * classes..][..classes];
-                    let per_exp = scale / exps.iter().copied().sum();
-                    for (o, &e) in out.iter_mut().zip(exps) {
-                        *o = T::from_acc(e * per_exp);
-                    }
-                    out[label] = T::from_acc(exps[label] * per_exp - scale);
-                }
-            }
-        }
-        Ok(())
-    };
-    let step = chunk_rows(dims);
-    let (step_a, step_b) = (step * dims.classes[0], step * dims.classes[1]);
-    let done = if run_parallel(dims) {
-        chunks(dims)
-            .into_par_iter()
-            .zip(
-                grad_a
-                    .par_chunks_mut(step_a)
-                    .zip(grad_b.par_chunks_mut(step_b)),
-            )
-            .map(|(rows, (a, b))| (rows, [a, b]))
-            .try_for_each(chunk)
-    } else {
-        chunks(dims)
-            .into_iter()
-            .zip(grad_a.chunks_mut(step_a).zip(grad_b.chunks_mut(step_b)))
-            .map(|(rows, (a, b))| (rows, [a, b]))
-            .try_for_each(chunk)
-    };
-    if let Err(e) = done {
-        labels.first_error(dims)?;
-        return Err(e);
-    }
-    Ok(grads)
 }
 
 // ---------------------------------------------------------------------------
