@@ -48,6 +48,8 @@ fn sentences() -> Vec<String> {
 }
 
 fn encode(c: &mut Criterion) {
+    // As the `sentence-mtl` binary does.
+    sentence_mtl::runtime::keep_freed_memory();
     let files = resolve_cached(DEFAULT_MODEL).expect("run scripts/fetch-model.sh first");
     let encoder = SentenceEncoder::from_files(&files, DType::F32, &Device::Cpu)
         .expect("model loads")

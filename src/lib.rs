@@ -8,10 +8,12 @@
 //! - [`model`]: a BERT encoder that fine-tunes, pooling, the sentence encoder and
 //!   the multi-task model.
 //! - [`data`] and [`train`]: TweetEval loading, batching, and the trainer.
-//! - [`cli`]: the `sentence-mtl` command line.
+//! - [`cli`]: the `sentence-mtl` command line; [`runtime`]: its process-wide
+//!   allocator setting.
 
 pub mod cli;
 pub mod data;
 pub mod model;
 pub mod ops;
+pub mod runtime;
 pub mod train;

@@ -208,3 +208,52 @@ fn dropout_only_in_training_and_both_paths_agree() {
         "differentiable and fused paths differ by {diff:e}"
     );
 }
+
+#[test]
+fn packed_and_padded_layers_agree_with_gradients() {
+    // On the CPU the layers run on the real tokens only; the padded batch
+    // under the mask must give the same hidden states at the real tokens and
+    // the same gradient for every parameter.
+    let (packed, vars, batch) = setup(DType::F32);
+    let padded = packed.clone().with_packing(false);
+    let run = |encoder: &BertEncoder| {
+        let hidden = encoder
+            .forward(
+                &batch.input_ids,
+                Some(&batch.token_type_ids),
+                &batch.attention_mask,
+                false,
+            )
+            .unwrap();
+        let pooled = masked_mean_pool(&hidden, &batch.attention_mask).unwrap();
+        let grads = pooled.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        (hidden, grads)
+    };
+    let (h_packed, g_packed) = run(&packed);
+    let (h_padded, g_padded) = run(&padded);
+    let diff = max_diff_on_tokens(&h_packed, &h_padded, &batch.attention_mask);
+    assert!(diff <= 1e-5, "hidden states differ by {diff:e}");
+    for (name, var) in sorted_vars(&vars) {
+        let a = g_packed.get(var.as_tensor()).expect("packed gradient");
+        let b = g_padded.get(var.as_tensor()).expect("padded gradient");
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            scale > 0.0 && diff <= 1e-4 * scale,
+            "{name}: gradients differ by {diff:e} (largest {scale:e})"
+        );
+    }
+}

@@ -1,5 +1,5 @@
 //! The encoder's training ops with a fused CPU backward (`layer_norm`,
-//! `add_bias`, `sum_rows`, `softmax_last_dim`, `gelu_erf`) against the same
+//! `linear`, `add_bias`, `sum_rows`, `softmax_last_dim`, `gelu_erf`) against the same
 //! computation composed from candle ops in f64 (exact formulas, each op with
 //! its own recorded backward): forward values and the gradients of every
 //! input, every dtype, contiguous and strided inputs, odd sizes; and bad input.
@@ -8,7 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use common::{random_tensor, rng, strided_view, values, FLOAT_DTYPES, STRIDED_KINDS};
-use sentence_mtl::ops::{add_bias, gelu_erf, layer_norm, softmax_last_dim, sum_rows};
+use sentence_mtl::ops::{add_bias, gelu_erf, layer_norm, linear, softmax_last_dim, sum_rows};
 
 const SHAPES: [&[usize]; 6] = [
     &[1, 1],
@@ -180,6 +180,50 @@ fn add_bias_and_sum_rows_match_the_composed_reference() -> Result<()> {
 }
 
 #[test]
+fn linear_matches_the_composed_reference() -> Result<()> {
+    let mut r = rng(5);
+    for dims in SHAPES {
+        let in_size = *dims.last().unwrap();
+        for out_size in [1, 5, 130] {
+            let x = random_tensor(&mut r, dims, DType::F64, &Device::Cpu)?;
+            let w = random_tensor(&mut r, &[out_size, in_size], DType::F64, &Device::Cpu)?;
+            let b = random_tensor(&mut r, &[out_size], DType::F64, &Device::Cpu)?;
+            for dtype in FLOAT_DTYPES {
+                for kind in STRIDED_KINDS {
+                    compare(
+                        "linear",
+                        &[x.clone(), w.clone(), b.clone()],
+                        // Each output sums `in` products; dW and db sum over the rows.
+                        &[0, 2, 3],
+                        dtype,
+                        kind,
+                        |t| linear(&t[0], &t[1], &t[2]),
+                        |t| t[0].broadcast_matmul(&t[1].t()?)?.broadcast_add(&t[2]),
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn linear_skips_gradients_nobody_wants() -> Result<()> {
+    // A frozen weight (a plain tensor) gets no gradient; the input's is still right.
+    let dev = Device::Cpu;
+    let mut r = rng(6);
+    let x = Var::from_tensor(&random_tensor(&mut r, &[4, 6], DType::F32, &dev)?)?;
+    let w = random_tensor(&mut r, &[3, 6], DType::F32, &dev)?;
+    let b = random_tensor(&mut r, &[3], DType::F32, &dev)?;
+    let grads = linear(x.as_tensor(), &w, &b)?.sum_all()?.backward()?;
+    assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
+    let dx = values(grads.get(&x).expect("dx"));
+    let want = values(&w.sum_keepdim(0)?.broadcast_as((4, 6))?.contiguous()?);
+    common::assert_close("linear dx", &dx, &want, DType::F32);
+    Ok(())
+}
+
+#[test]
 fn softmax_matches_the_composed_reference() -> Result<()> {
     let mut r = rng(3);
     for dims in SHAPES {
@@ -267,6 +311,13 @@ fn bad_input_is_an_error() -> Result<()> {
         ),
         "unsupported dtype",
     );
+    let w = Tensor::ones((3, 5), DType::F32, &dev)?;
+    let h3 = Tensor::ones(3, DType::F32, &dev)?;
+    expect_err(linear(&x, &w.t()?, &h3), "has 5 features");
+    expect_err(linear(&x, &h5, &h3), "weight must have rank 2");
+    expect_err(linear(&x, &w, &h5), "bias must have shape [3]");
+    expect_err(linear(&scalar, &w, &h3), "rank >= 1");
+    expect_err(linear(&x.to_dtype(DType::F64)?, &w, &h3), "same dtype");
     expect_err(add_bias(&x, &h4), "bias must have shape [5]");
     expect_err(add_bias(&ints, &h5), "same dtype");
     expect_err(add_bias(&scalar, &h5), "rank >= 1");

@@ -9,9 +9,9 @@ use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{embedding, Embedding, Module, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use super::layers::{
-    accumulation_dtype, attention_bias, softmax_last_dim, Dense, Dropout, LayerNorm, Pass,
-};
+use crate::ops::attention::attention_packed;
+
+use super::layers::{softmax_last_dim, Dense, Dropout, LayerNorm, Pass};
 
 pub use super::checkpoint::load_trainable;
 
@@ -79,7 +79,6 @@ struct SelfAttention {
     key: Dense,
     value: Dense,
     heads: usize,
-    head_size: usize,
 }
 
 impl SelfAttention {
@@ -90,34 +89,73 @@ impl SelfAttention {
             key: Dense::load(hidden, hidden, vb.pp("key"))?,
             value: Dense::load(hidden, hidden, vb.pp("value"))?,
             heads: config.num_attention_heads,
-            head_size: hidden / config.num_attention_heads,
         })
     }
 
-    /// `x` is `[B, T, H]`; `bias` the `[B, 1, 1, T]` mask bias in the
-    /// accumulation dtype of `x`.
-    fn forward(&self, x: &Tensor, bias: &Tensor, drop: &Dropout, pass: Pass) -> Result<Tensor> {
-        let (batch, len, hidden) = x.dims3()?;
-        // [B, T, H] -> [B, heads, T, head_size]
-        let split = |y: Tensor| {
-            y.reshape((batch, len, self.heads, self.head_size))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let scale = 1.0 / (self.head_size as f64).sqrt();
-        let query = split(self.query.forward(x)?)?;
-        let key = split(self.key.forward(x)?)?;
-        let value = split(self.value.forward(x)?)?;
+    /// `x` is `[B, T, H]` under a mask, or `[N, H]` packed (see [`Tokens`]).
+    fn forward(&self, x: &Tensor, tokens: &Tokens, drop: &Dropout, pass: Pass) -> Result<Tensor> {
+        // One product for the three projections: [.., 3H].
+        let qkv = Dense::concat(&[&self.query, &self.key, &self.value])?.forward(x)?;
+        match tokens {
+            Tokens::Padded(mask) => {
+                let (batch, len) = mask.dims2()?;
+                let probs_shape = (batch, self.heads, len, len).into();
+                let dropout = drop.multiplier(&probs_shape, x.dtype(), x.device(), pass)?;
+                if !pass.differentiable && !x.device().is_cpu() {
+                    // Inference off the CPU: candle's fused softmax (no backward).
+                    return crate::ops::attention::attention_composed(
+                        &qkv,
+                        mask,
+                        self.heads,
+                        dropout.as_ref(),
+                        |s| softmax_last_dim(s, pass),
+                    );
+                }
+                crate::ops::attention(&qkv, mask, self.heads, dropout.as_ref())
+            }
+            Tokens::Packed { lengths, .. } => {
+                let weights = self.heads * lengths.iter().map(|l| l * l).sum::<usize>();
+                let dropout = drop.multiplier(&weights.into(), x.dtype(), x.device(), pass)?;
+                attention_packed(&qkv, lengths, self.heads, dropout.as_ref())
+            }
+        }
+    }
+}
 
-        let scores = query.matmul(&key.t()?)?;
-        let scores =
-            (scores.to_dtype(accumulation_dtype(x.dtype()))? * scale)?.broadcast_add(bias)?;
-        let probs = softmax_last_dim(&scores, pass)?.to_dtype(x.dtype())?;
-        let probs = drop.forward(&probs, pass)?;
-        probs
-            .matmul(&value)?
-            .transpose(1, 2)?
-            .reshape((batch, len, hidden))
+/// How the tokens of a batch flow through the layers.
+enum Tokens<'a> {
+    /// `[B, T, H]`, padding included, marked by the `[B, T]` attention mask.
+    Padded(&'a Tensor),
+    /// `[N, H]`: the real tokens only, sentence after sentence (`lengths`),
+    /// gathered from the padded rows at `rows` (u32 indices into `B·T`).
+    /// The feed-forward half of a layer then does no work on padding.
+    Packed { lengths: Vec<usize>, rows: Tensor },
+}
+
+impl Tokens<'_> {
+    /// The packing of `mask` `[B, T]`: each sentence's real tokens (all of its
+    /// positions when it has none, matching the padded form's attention).
+    fn packed(mask: &Tensor) -> Result<Self> {
+        let (batch, len) = mask.dims2()?;
+        let mask = mask.ne(0u32)?.to_vec2::<u8>()?;
+        let mut rows = Vec::with_capacity(batch * len);
+        let mut lengths = Vec::with_capacity(batch);
+        for (b, row) in mask.iter().enumerate() {
+            let before = rows.len();
+            let all_padding = !row.contains(&1);
+            rows.extend(
+                (0..len)
+                    .filter(|&t| all_padding || row[t] != 0)
+                    .map(|t| (b * len + t) as u32),
+            );
+            lengths.push(rows.len() - before);
+        }
+        let rows = Tensor::from_vec(
+            rows,
+            lengths.iter().sum::<usize>(),
+            &candle_core::Device::Cpu,
+        )?;
+        Ok(Self::Packed { lengths, rows })
     }
 }
 
@@ -158,8 +196,8 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, bias: &Tensor, drop: &Dropout, pass: Pass) -> Result<Tensor> {
-        let context = self.attention.forward(x, bias, drop, pass)?;
+    fn forward(&self, x: &Tensor, tokens: &Tokens, drop: &Dropout, pass: Pass) -> Result<Tensor> {
+        let context = self.attention.forward(x, tokens, drop, pass)?;
         let attended = drop.forward(&self.attention_output.forward(&context)?, pass)?;
         let x = self.attention_norm.forward(&(attended + x)?, pass)?;
 
@@ -176,6 +214,12 @@ impl Layer {
 
 /// A BERT encoder: embeddings and `num_layers()` transformer layers; returns
 /// the last hidden state `[B, T, H]` (no pooler).
+///
+/// On the CPU in f32 and f64 the layers run on the real tokens only, packed
+/// (see [`BertEncoder::with_packing`]): a batch padded to its longest sentence
+/// costs what its tokens cost. The output is then 0 at padding positions
+/// (which pooling ignores); elsewhere padding positions carry what BERT
+/// computes for them.
 #[derive(Debug, Clone)]
 pub struct BertEncoder {
     embeddings: Embeddings,
@@ -187,6 +231,8 @@ pub struct BertEncoder {
     /// `attention_probs_dropout_prob`; BERT checkpoints set both to 0.1).
     /// Seedable: see [`BertEncoder::seed_dropout`].
     dropout: Dropout,
+    /// Run the layers on the real tokens only (see [`BertEncoder::with_packing`]).
+    pack_tokens: bool,
 }
 
 impl BertEncoder {
@@ -207,6 +253,7 @@ impl BertEncoder {
             hidden_size: config.hidden_size,
             max_positions: config.max_position_embeddings,
             dropout: Dropout::new(config.hidden_dropout_prob as f32),
+            pack_tokens: true,
         })
     }
 
@@ -332,16 +379,49 @@ impl BertEncoder {
                 x
             }
         };
-        let bias = attention_bias(attention_mask, accumulation_dtype(self.dtype()))?;
         let mut hidden =
             self.embeddings
                 .forward(input_ids, token_type_ids, &self.dropout, pass_of(0))?;
+        let (batch, len, hidden_size) = hidden.dims3()?;
+        let tokens = if self.packs(&hidden) {
+            Tokens::packed(attention_mask)?
+        } else {
+            Tokens::Padded(attention_mask)
+        };
+        if let Tokens::Packed { rows, .. } = &tokens {
+            hidden = hidden
+                .reshape((batch * len, hidden_size))?
+                .index_select(rows, 0)?;
+        }
         hidden = detach_if(0, hidden);
         for (i, layer) in self.layers.iter().enumerate() {
-            hidden = layer.forward(&hidden, &bias, &self.dropout, pass_of(i + 1))?;
+            hidden = layer.forward(&hidden, &tokens, &self.dropout, pass_of(i + 1))?;
             hidden = detach_if(i + 1, hidden);
         }
-        Ok(hidden)
+        match &tokens {
+            Tokens::Packed { rows, .. } => {
+                Tensor::zeros((batch * len, hidden_size), hidden.dtype(), hidden.device())?
+                    .index_add(rows, &hidden, 0)?
+                    .reshape((batch, len, hidden_size))
+            }
+            Tokens::Padded(_) => Ok(hidden),
+        }
+    }
+
+    /// Whether the layers run on packed tokens: where the fused packed
+    /// attention runs (the CPU, f32 or f64) unless turned off.
+    fn packs(&self, hidden: &Tensor) -> bool {
+        self.pack_tokens
+            && hidden.device().is_cpu()
+            && matches!(hidden.dtype(), DType::F32 | DType::F64)
+    }
+
+    /// Turns packing off (`false`) or back on: the layers then run on the
+    /// padded `[B, T, H]` batch under the attention mask. Same results at the
+    /// real tokens (to float rounding); for tests and comparisons.
+    pub fn with_packing(mut self, pack: bool) -> Self {
+        self.pack_tokens = pack;
+        self
     }
 
     fn check_inputs(

@@ -18,11 +18,7 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
-/// Added to the attention scores of padding positions. Finite in every float
-/// dtype (f16 tops out at 65504, so `f32::MIN` would become -inf and a fully
-/// masked row NaN), yet `exp(-10000)` is exactly 0 in f32 and f64, so padding
-/// gets exactly zero attention, as with Hugging Face's `finfo.min`.
-pub const MASK_BIAS: f64 = -10_000.0;
+pub use crate::ops::attention::{attention_bias, MASK_BIAS};
 
 /// How one forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,11 +95,10 @@ impl LayerNorm {
 /// A fully connected layer `y = x·Wᵀ + b` (Hugging Face's `nn.Linear` weights:
 /// `weight` `[out, in]`, `bias` `[out]`).
 ///
-/// Unlike candle-nn's `Linear`, the input is flattened to `[rows, in]` so that
-/// the weight gradient is one matrix product (candle-nn broadcasts the weight
-/// over the batch, and its backward then sums `B` copies of `[in, out]` with
-/// candle's slow strided reduction), and the bias is added by
-/// [`crate::ops::add_bias`], whose gradient is a fast parallel column sum.
+/// Runs [`crate::ops::linear`]: on the CPU one product into a buffer that
+/// starts as the bias, and a backward of two products and a column sum.
+/// (candle-nn's `Linear` broadcasts the weight over the batch, and its backward
+/// then sums `B` copies of `[in, out]` with candle's slow strided reduction.)
 #[derive(Debug, Clone)]
 pub struct Dense {
     weight: Tensor,
@@ -118,18 +113,21 @@ impl Dense {
         })
     }
 
+    /// The layers `parts` (same input size) as one, their outputs side by
+    /// side: one matrix product instead of several smaller ones. Gradients
+    /// flow back to each part's weights.
+    pub fn concat(parts: &[&Dense]) -> Result<Dense> {
+        let weights: Vec<&Tensor> = parts.iter().map(|d| &d.weight).collect();
+        let biases: Vec<&Tensor> = parts.iter().map(|d| &d.bias).collect();
+        Ok(Dense {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
+        })
+    }
+
     /// `x` `[.., in]` to `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (in_size, out_size) = (self.weight.dim(1)?, self.weight.dim(0)?);
-        let rows = x.elem_count() / in_size.max(1);
-        let y = x.reshape((rows, in_size))?.matmul(&self.weight.t()?)?;
-        let y = crate::ops::add_bias(&y, &self.bias)?;
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = out_size;
-        }
-        y.reshape(out_dims)
+        crate::ops::linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -182,11 +180,25 @@ impl Dropout {
 
     /// `x` with dropout applied when the pass trains, `x` itself otherwise.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        if !pass.dropout || self.p <= 0.0 {
-            return Ok(x.clone());
+        match self.multiplier(x.shape(), x.dtype(), x.device(), pass)? {
+            Some(mask) => x.mul(&mask),
+            None => Ok(x.clone()),
         }
-        let n = x.elem_count();
-        let mut bits = vec![0u16; n];
+    }
+
+    /// The next dropout multiplier of `shape` (each element 0 with probability
+    /// `p`, `1/(1−p)` otherwise) when the pass trains; `None` when it does not.
+    pub fn multiplier(
+        &self,
+        shape: &candle_core::Shape,
+        dtype: DType,
+        device: &candle_core::Device,
+        pass: Pass,
+    ) -> Result<Option<Tensor>> {
+        if !pass.dropout || self.p <= 0.0 {
+            return Ok(None);
+        }
+        let mut bits = vec![0u16; shape.elem_count()];
         self.lock().fill_bytes(bytemuck::cast_slice_mut(&mut bits));
         let threshold = (f64::from(self.p) * 65536.0).round().min(65535.0) as u16;
         let scale = (1.0 / (1.0 - f64::from(self.p))) as f32;
@@ -194,18 +206,10 @@ impl Dropout {
             .iter()
             .map(|&r| if r >= threshold { scale } else { 0.0 })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        Tensor::from_vec(mask, shape, device)?
+            .to_dtype(dtype)
+            .map(Some)
     }
-}
-
-/// The additive attention bias for a `[B, T]` mask (non-zero = a real token):
-/// `[B, 1, 1, T]` in `dtype`, 0 for real tokens and [`MASK_BIAS`] for padding.
-pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
-    let (batch, len) = mask.dims2()?;
-    let keep = mask.ne(0u32)?.to_dtype(dtype)?;
-    keep.affine(-MASK_BIAS, MASK_BIAS)?
-        .reshape((batch, 1, 1, len))
 }
 
 #[cfg(test)]

@@ -10,12 +10,14 @@
 //!
 //! The encoder's training path adds CPU ops with a fused backward where
 //! candle's composed ops are slow on the CPU ([`layer_norm`], [`add_bias`],
-//! [`sum_rows`], [`softmax_last_dim`], [`gelu_erf`]); on other devices they compose candle ops.
+//! [`sum_rows`], [`softmax_last_dim`], [`gelu_erf`], [`linear`], and multi-head
+//! [`attention`] on a fused query-key-value projection); on other devices they compose candle ops.
 //!
 //! Every op takes f32, f16, bf16 and f64 (f16/bf16 accumulate in f32), honours
 //! strided and offset inputs, and returns an `Err` naming the problem for bad input.
 //! [`reference`] holds a plain f64 implementation of each, forward and backward.
 
+pub mod attention;
 pub mod bias;
 mod buffer;
 pub mod cosine;
@@ -24,7 +26,9 @@ pub mod dtype;
 pub mod gelu;
 pub mod layer_norm;
 pub mod layout;
+pub mod linear;
 pub mod math;
+mod matmul;
 pub mod mean_pool;
 pub mod reference;
 pub mod softmax;
@@ -32,10 +36,12 @@ pub mod softmax;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use attention::attention;
 pub use bias::{add_bias, sum_rows};
 pub use cosine::{cosine_similarity, cosine_similarity_matrix, l2_normalize};
 pub use cross_entropy::{dual_head_cross_entropy, IGNORE_INDEX};
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use mean_pool::masked_mean_pool;
 pub use softmax::softmax_last_dim;
