@@ -8,6 +8,9 @@ mod cross_entropy;
 mod mean_pool;
 
 fn all(c: &mut Criterion) {
+    // As the `sentence-mtl` binary does: freed blocks stay with the process,
+    // so neither side pays fresh page faults for its outputs on every call.
+    sentence_mtl::runtime::keep_freed_memory();
     mean_pool::benches(c);
     cosine::benches(c);
     cross_entropy::benches(c);
