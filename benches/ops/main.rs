@@ -8,9 +8,13 @@ mod cross_entropy;
 mod mean_pool;
 
 fn all(c: &mut Criterion) {
-    // As the `sentence-mtl` binary does: freed blocks stay with the process,
-    // so neither side pays fresh page faults for its outputs on every call.
-    sentence_mtl::runtime::keep_freed_memory();
+    // The default allocator settings, as a program linking the crate has them
+    // (with `runtime::keep_freed_memory`, as the binary sets, the composed ops'
+    // temporaries stop page-faulting and gain more than the fused ops: see
+    // BENCHMARKS.md).
+    if std::env::var_os("OPS_BENCH_KEEP_FREED_MEMORY").is_some() {
+        sentence_mtl::runtime::keep_freed_memory();
+    }
     mean_pool::benches(c);
     cosine::benches(c);
     cross_entropy::benches(c);

@@ -362,24 +362,24 @@ fn forward_cpu<T: FloatElem>(hidden: &[T], hv: View<3>, flags: &[u8], fv: View<2
 }
 
 /// CPU backward: each row's gradient share `dout[b,:] / count_b` is computed once
-/// and copied to that row's real tokens; padding tokens keep the zeros.
+/// and copied to that row's real tokens; padding tokens get zeros (one write per
+/// element, no zero-filled buffer first).
 fn backward_cpu<T: FloatElem>(grad: &[T], gv: View<2>, flags: &[u8], fv: View<2>) -> Vec<T> {
     let [b, h] = gv.dims;
     let t = fv.dims[1];
-    let mut grad_hidden = vec![T::zero(); b * t * h];
+    // SAFETY: every token row is written below, the share or zeros.
+    let mut grad_hidden = unsafe { output_buffer::<T>(b * t * h) };
     for_each_row(&mut grad_hidden, t * h, b * t * h, |bi, rows| {
         let is_token = |ti: usize| flags[fv.at([bi, ti])] != 0;
-        let count = (0..t).filter(|&ti| is_token(ti)).count();
-        if count == 0 {
-            return;
-        }
-        let count = clamped_count::<T::Acc>(count);
+        let count = clamped_count::<T::Acc>((0..t).filter(|&ti| is_token(ti)).count());
         let share: Vec<T> = (0..h)
             .map(|hi| T::from_acc(grad[gv.at([bi, hi])].to_acc() / count))
             .collect();
         for (ti, row) in rows.chunks_exact_mut(h).enumerate() {
             if is_token(ti) {
                 row.copy_from_slice(&share);
+            } else {
+                row.fill(T::zero());
             }
         }
     });
