@@ -35,9 +35,9 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::buffer::output_buffer;
-use super::layout::{check_same_device, contiguous_slice};
+use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
 use super::math::exp_f32;
-use super::matmul::{Gemm, GemmFloat, Mat};
+use super::matmul::{with_gemm_dtype, Gemm, GemmFloat, Mat};
 
 const OP: &str = "attention";
 
@@ -91,12 +91,7 @@ pub fn attention_packed(
         [n, w] => (*n, *w),
         dims => bail!("{OP}: packed qkv must have rank 2 [N, 3H], got shape {dims:?}"),
     };
-    if heads == 0 || width == 0 || width % (3 * heads) != 0 {
-        bail!(
-            "{OP}: the last dimension of qkv ({width}) must be 3·heads·head_size \
-             with {heads} heads and head_size >= 1"
-        );
-    }
+    check_heads(width, heads)?;
     if lengths.iter().sum::<usize>() != rows {
         bail!(
             "{OP}: the sentence lengths sum to {}, but qkv has {rows} rows",
@@ -119,13 +114,7 @@ pub fn attention_packed(
                 drop.dims()
             );
         }
-        if drop.dtype() != qkv.dtype() {
-            bail!(
-                "{OP}: dropout is {:?} but qkv is {:?}; both must have the same dtype",
-                drop.dtype(),
-                qkv.dtype()
-            );
-        }
+        check_same_dtype(OP, ("dropout", drop), ("qkv", qkv))?;
         check_same_device(OP, ("qkv", qkv), ("dropout", drop))?;
     }
     let op = Attention {
@@ -184,6 +173,17 @@ pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
         .reshape((batch, 1, 1, len))
 }
 
+/// `Err` unless a `width`-wide qkv row splits into q, k and v of `heads` heads.
+fn check_heads(width: usize, heads: usize) -> Result<()> {
+    if heads == 0 || width == 0 || !width.is_multiple_of(3 * heads) {
+        bail!(
+            "{OP}: the last dimension of qkv ({width}) must be 3·heads·head_size \
+             with {heads} heads and head_size >= 1"
+        );
+    }
+    Ok(())
+}
+
 fn check_inputs(
     qkv: &Tensor,
     key_mask: &Tensor,
@@ -194,12 +194,7 @@ fn check_inputs(
         [b, t, w] => (*b, *t, *w),
         dims => bail!("{OP}: qkv must have rank 3 [B, T, 3H], got shape {dims:?}"),
     };
-    if heads == 0 || width == 0 || width % (3 * heads) != 0 {
-        bail!(
-            "{OP}: the last dimension of qkv ({width}) must be 3·heads·head_size \
-             with {heads} heads and head_size >= 1"
-        );
-    }
+    check_heads(width, heads)?;
     if !matches!(
         qkv.dtype(),
         DType::F32 | DType::F64 | DType::F16 | DType::BF16
@@ -222,13 +217,7 @@ fn check_inputs(
                 drop.dims()
             );
         }
-        if drop.dtype() != qkv.dtype() {
-            bail!(
-                "{OP}: dropout is {:?} but qkv is {:?}; both must have the same dtype",
-                drop.dtype(),
-                qkv.dtype()
-            );
-        }
+        check_same_dtype(OP, ("dropout", drop), ("qkv", qkv))?;
         check_same_device(OP, ("qkv", qkv), ("dropout", drop))?;
     }
     Ok(())
@@ -252,23 +241,6 @@ impl AttnFloat for f64 {
     fn exp_flushed(self) -> Self {
         self.exp()
     }
-}
-
-/// Runs `$body` with `$T` bound to f32 or f64.
-macro_rules! with_attn_dtype {
-    ($dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            other => Err(super::dtype::unsupported_dtype(OP, "qkv", other)),
-        }
-    };
 }
 
 /// The head layout of one attention problem.
@@ -710,7 +682,7 @@ impl Attention {
         if let Some(last) = out_dims.last_mut() {
             *last = dims.hidden();
         }
-        with_attn_dtype!(s.dtype(), F => {
+        with_gemm_dtype!(OP, "qkv", s.dtype(), F => {
             let qkv = contiguous_slice::<F>(OP, s, l)?;
             let sentences = Sentence::split(&self.packing, dims, qkv, mask)?;
             let out = with_dropout::<F, _>(self.dropout.as_ref(), |drop| {
@@ -738,7 +710,7 @@ impl AttentionBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(l, self.heads);
         let rows = l.shape().elem_count() / (3 * dims.hidden()).max(1);
-        with_attn_dtype!(s.dtype(), F => {
+        with_gemm_dtype!(OP, "qkv", s.dtype(), F => {
             let qkv = contiguous_slice::<F>(OP, s, l)?;
             let dout = contiguous_slice::<F>(OP, gs, gl)?;
             let sentences = Sentence::split(&self.packing, dims, qkv, mask)?;

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::buffer::output_buffer;
 use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
-use super::matmul::{Gemm, GemmFloat, Mat};
+use super::matmul::{with_gemm_dtype, Gemm, GemmFloat, Mat};
 
 const OP: &str = "linear";
 
@@ -88,23 +88,6 @@ fn check_inputs(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
     check_same_device(OP, ("x", x), ("weight", weight))?;
     check_same_device(OP, ("x", x), ("bias", bias))?;
     crate::with_float_dtype!(OP, "x", x.dtype(), _T => Ok(()))
-}
-
-/// Runs `$body` with `$T` bound to f32 or f64.
-macro_rules! with_gemm_dtype {
-    ($dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            other => Err(super::dtype::unsupported_dtype(OP, "x", other)),
-        }
-    };
 }
 
 fn forward_cpu<F: GemmFloat>(
@@ -196,7 +179,7 @@ impl CustomOp3 for Linear {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, in_size) = (lx.dims()[0], lx.dims()[1]);
         let out_size = lw.dims()[0];
-        with_gemm_dtype!(sx.dtype(), F => {
+        with_gemm_dtype!(OP, "x", sx.dtype(), F => {
             let y = forward_cpu(
                 (
                     contiguous_slice::<F>(OP, sx, lx)?,
@@ -264,7 +247,7 @@ impl CustomOp3 for LinearBackward {
         let out_size = lw.dims()[0];
         let len = usize::from(self.want_dx) * rows * in_size
             + usize::from(self.want_dw) * out_size * in_size;
-        with_gemm_dtype!(sx.dtype(), F => {
+        with_gemm_dtype!(OP, "x", sx.dtype(), F => {
             let grads = backward_cpu(
                 (
                     contiguous_slice::<F>(OP, sx, lx)?,
