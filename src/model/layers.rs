@@ -6,7 +6,8 @@
 //! therefore has two paths, chosen by [`Pass`]:
 //! - differentiable: our ops with a fused backward on the CPU
 //!   ([`crate::ops::layer_norm`], [`crate::ops::softmax_last_dim`],
-//!   [`crate::ops::gelu_erf`], [`crate::ops::add_bias`]), composed candle ops
+//!   [`crate::ops::gelu_erf`], [`crate::ops::linear`], [`crate::ops::attention`]),
+//!   composed candle ops
 //!   elsewhere; used for training and whenever gradients may be wanted;
 //! - fast (inference only): on the CPU the same ops of ours, which are fused
 //!   either way; elsewhere candle's fused kernels, no backward bookkeeping.
@@ -19,6 +20,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 pub use crate::ops::attention::{attention_bias, MASK_BIAS};
+pub use crate::ops::dtype::accumulation_dtype;
 
 /// How one forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,16 +45,6 @@ impl Pass {
         dropout: false,
         differentiable: false,
     };
-}
-
-/// The dtype in which attention softmax and LayerNorm statistics are computed:
-/// f32 for the half types (their 8- or 11-bit mantissas lose too much in sums
-/// of hundreds of terms), the input's own dtype otherwise.
-pub fn accumulation_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
 }
 
 /// LayerNorm over the last dimension with learned scale and shift.

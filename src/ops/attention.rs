@@ -147,10 +147,7 @@ pub fn attention_composed(
             .contiguous()
     };
     let (query, key, value) = (split(0)?, split(1)?, split(2)?);
-    let acc = match qkv.dtype() {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    };
+    let acc = super::dtype::accumulation_dtype(qkv.dtype());
     let scale = 1.0 / (head_size as f64).sqrt();
     let scores = query.matmul(&key.t()?.contiguous()?)?;
     let scores = (scores.to_dtype(acc)? * scale)?.broadcast_add(&attention_bias(key_mask, acc)?)?;
@@ -195,12 +192,7 @@ fn check_inputs(
         dims => bail!("{OP}: qkv must have rank 3 [B, T, 3H], got shape {dims:?}"),
     };
     check_heads(width, heads)?;
-    if !matches!(
-        qkv.dtype(),
-        DType::F32 | DType::F64 | DType::F16 | DType::BF16
-    ) {
-        return Err(super::dtype::unsupported_dtype(OP, "qkv", qkv.dtype()));
-    }
+    crate::with_float_dtype!(OP, "qkv", qkv.dtype(), _T => Ok(()))?;
     if key_mask.dims() != [batch, len] {
         bail!(
             "{OP}: key_mask must have shape [{batch}, {len}] (qkv is {:?}), got {:?}",

@@ -66,6 +66,17 @@ float_elem!(f64, f64, "f64", |x: f64| x, |v: f64| v);
 float_elem!(f16, f32, "f16", f16::to_f32, f16::from_f32);
 float_elem!(bf16, f32, "bf16", bf16::to_f32, bf16::from_f32);
 
+/// The dtype in which the composed (candle-op) forms accumulate softmax and
+/// LayerNorm statistics: f32 for the half types (their 8- or 11-bit mantissas
+/// lose too much in sums of hundreds of terms), the input's own dtype otherwise.
+/// The same rule as [`FloatElem::Acc`], for tensors.
+pub fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
 /// The error every op gives for a dtype it does not support.
 pub fn unsupported_dtype(op: &str, what: &str, dtype: DType) -> candle_core::Error {
     candle_core::Error::Msg(format!(

@@ -16,7 +16,7 @@
 //! kernels candle provides.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
@@ -51,10 +51,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     check_inputs(x, weight, bias, eps)?;
     let dtype = x.dtype();
-    let acc = match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    };
+    let acc = super::dtype::accumulation_dtype(dtype);
     let x = x.to_dtype(acc)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let centred = x.broadcast_sub(&mean)?;
