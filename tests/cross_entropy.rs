@@ -266,6 +266,48 @@ fn huge_logits_are_stable() -> Result<()> {
     Ok(())
 }
 
+/// A row ignored for a head adds nothing to that head, even when its logits
+/// are NaN or infinite: the loss equals the clean batch's, its gradient is 0.
+#[test]
+fn non_finite_logits_of_ignored_rows_stay_out() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in FLOAT_DTYPES {
+        let clean_a = [[0.3f64, -1.0, 2.0, 0.5], [1.5, 0.2, -0.7, 0.1]];
+        let dirty_a = [
+            clean_a[0],
+            clean_a[1],
+            [f64::NAN, 1.0, f64::INFINITY, 0.0],
+            [f64::NEG_INFINITY, f64::INFINITY, 0.0, 0.0],
+        ];
+        let b = random_tensor(&mut rng(11), &[4, 3], dtype, &dev)?;
+        let labels = Tensor::new(
+            &[[3i64, 0], [1, 2], [IGNORE_INDEX, 1], [IGNORE_INDEX, 0]],
+            &dev,
+        )?;
+        let a = Var::from_tensor(&Tensor::new(&dirty_a, &dev)?.to_dtype(dtype)?)?;
+        let losses = dual_head_cross_entropy(&a, &b, &labels)?;
+        let grads = losses.sum_all()?.backward()?;
+        let grad_a = values(grads.get(&a).expect("grad of a"));
+
+        let clean = Tensor::new(&clean_a, &dev)?.to_dtype(dtype)?;
+        let want = values(&dual_head_cross_entropy(
+            &clean,
+            &b.narrow(0, 0, 2)?,
+            &labels.narrow(0, 0, 2)?,
+        )?);
+        let got = values(&losses);
+        assert_eq!(got[0], want[0], "{dtype:?}: head A's loss");
+        assert!(got[1].is_finite(), "{dtype:?}: head B's loss {got:?}");
+        assert!(grad_a[..8].iter().all(|g| g.is_finite() && *g != 0.0));
+        assert!(
+            grad_a[8..].iter().all(|&g| g == 0.0),
+            "{dtype:?}: ignored rows' gradient {:?}",
+            &grad_a[8..]
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn one_row_one_class_and_empty_batch() -> Result<()> {
     for dtype in FLOAT_DTYPES {

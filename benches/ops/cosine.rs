@@ -9,41 +9,20 @@ use candle_core::{Device, Result, Tensor, Var};
 use criterion::{BenchmarkGroup, Criterion};
 use sentence_mtl::ops::{cosine_similarity, cosine_similarity_matrix, l2_normalize};
 
-const EPS: f64 = 1e-12;
+use crate::composed;
+
 const ROWS: usize = 4096;
 const MATRIX_ROWS: usize = 1024;
 const HIDDEN: usize = 384;
 
 type Op = fn(&Tensor, &Tensor) -> Result<Tensor>;
 
-fn clamped_norm(x: &Tensor) -> Result<Tensor> {
-    x.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(EPS)
-}
-
-fn composed_normalize(x: &Tensor) -> Result<Tensor> {
-    x.broadcast_div(&clamped_norm(x)?)
-}
-
-fn composed_cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dot = (a * b)?.sum_keepdim(1)?;
-    (dot / (clamped_norm(a)? * clamped_norm(b)?)?)?.squeeze(1)
-}
-
-fn composed_matrix(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    composed_normalize(a)?.matmul(&composed_normalize(b)?.t()?)
-}
-
-/// `a · bᵀ` of inputs that are already normalised.
-fn bare_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.matmul(&b.t()?)
-}
-
 fn fused_normalize(a: &Tensor, _b: &Tensor) -> Result<Tensor> {
     l2_normalize(a)
 }
 
-fn composed_normalize_op(a: &Tensor, _b: &Tensor) -> Result<Tensor> {
-    composed_normalize(a)
+fn composed_normalize(a: &Tensor, _b: &Tensor) -> Result<Tensor> {
+    composed::normalize(a)
 }
 
 fn random(rows: usize) -> Var {
@@ -77,7 +56,7 @@ pub fn benches(c: &mut Criterion) {
         .sample_size(30)
         .measurement_time(Duration::from_secs(4));
     bench_op(&mut group, "fused", cosine_similarity, &a, &b);
-    bench_op(&mut group, "composed", composed_cosine, &a, &b);
+    bench_op(&mut group, "composed", composed::row_cosine, &a, &b);
     group.finish();
 
     let mut group = c.benchmark_group(format!("cpu/cosine/l2_normalize [{ROWS},{HIDDEN}] f32"));
@@ -85,12 +64,12 @@ pub fn benches(c: &mut Criterion) {
         .sample_size(30)
         .measurement_time(Duration::from_secs(4));
     bench_op(&mut group, "fused", fused_normalize, &a, &b);
-    bench_op(&mut group, "composed", composed_normalize_op, &a, &b);
+    bench_op(&mut group, "composed", composed_normalize, &a, &b);
     group.finish();
 
     let (a, b) = (random(MATRIX_ROWS), random(MATRIX_ROWS));
     let unit = |x: &Var| {
-        Var::from_tensor(&composed_normalize(x.as_tensor()).expect("normalise")).expect("var")
+        Var::from_tensor(&composed::normalize(x.as_tensor()).expect("normalise")).expect("var")
     };
     let (a_hat, b_hat) = (unit(&a), unit(&b));
     let name = format!("cpu/cosine/matrix [{MATRIX_ROWS},{HIDDEN}]x[{MATRIX_ROWS},{HIDDEN}] f32");
@@ -99,7 +78,13 @@ pub fn benches(c: &mut Criterion) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(5));
     bench_op(&mut group, "fused", cosine_similarity_matrix, &a, &b);
-    bench_op(&mut group, "composed", composed_matrix, &a, &b);
-    bench_op(&mut group, "bare matmul", bare_matmul, &a_hat, &b_hat);
+    bench_op(&mut group, "composed", composed::matrix, &a, &b);
+    bench_op(
+        &mut group,
+        "bare matmul",
+        composed::bare_matmul,
+        &a_hat,
+        &b_hat,
+    );
     group.finish();
 }

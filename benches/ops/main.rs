@@ -3,6 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
+mod composed;
 mod cosine;
 mod cross_entropy;
 mod mean_pool;

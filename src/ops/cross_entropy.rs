@@ -19,7 +19,11 @@
 //! labelled rows and 0 for ignored rows. Labels get no gradient.
 //!
 //! CPU: one pass over the rows (rayon over row chunks when the batch is large),
-//! reading strided and offset logits and labels in place. CUDA: see
+//! reading strided and offset logits and labels in place, in tiles of rows that
+//! every row goes through alike, labelled or not: which rows a mixed batch
+//! labels for a head is random, and a branch on it mispredicts half the time.
+//! `exp` and `ln` are vectorised polynomials; heads of 2 to 8 classes get
+//! fixed-size row loops. CUDA: see
 //! `kernels/cross_entropy.cu`; the forward also checks every label on the device
 //! and reads one small status record back, so an out-of-range label is an `Err`
 //! there too.
@@ -28,12 +32,13 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use num_traits::{Float, One, Zero};
+use num_traits::Zero;
 use rayon::prelude::*;
 
+use super::buffer::output_buffer;
 use super::dtype::{Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
-use super::math::exp_f32;
+use super::math::{exp_f32, ln_f32};
 use crate::with_float_dtype;
 
 const OP: &str = "dual_head_cross_entropy";
@@ -524,25 +529,38 @@ fn chunks(dims: Dims) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// `exp` of every element of a slice, in place. For f32 (the accumulator of
-/// f32, f16 and bf16) a branch-free polynomial that the compiler vectorises: the
-/// libm call per element would otherwise be most of the op's time.
-trait ExpInPlace: Accum {
+/// `exp` and `ln` of every element of a slice, in place. For f32 (the
+/// accumulator of f32, f16 and bf16) branch-free polynomials that the compiler
+/// vectorises: a libm call per element would otherwise be most of the op's time.
+trait ExpLnInPlace: Accum {
     fn exp_in_place(values: &mut [Self]);
+    fn ln_in_place(values: &mut [Self]);
 }
 
-impl ExpInPlace for f32 {
+impl ExpLnInPlace for f32 {
     fn exp_in_place(values: &mut [f32]) {
         for v in values {
             *v = exp_f32(*v);
         }
     }
+
+    fn ln_in_place(values: &mut [f32]) {
+        for v in values {
+            *v = ln_f32(*v);
+        }
+    }
 }
 
-impl ExpInPlace for f64 {
+impl ExpLnInPlace for f64 {
     fn exp_in_place(values: &mut [f64]) {
         for v in values {
             *v = v.exp();
+        }
+    }
+
+    fn ln_in_place(values: &mut [f64]) {
+        for v in values {
+            *v = v.ln();
         }
     }
 }
@@ -561,19 +579,29 @@ impl<'a, T: FloatElem> Logits<'a, T> {
         })
     }
 
-    /// Appends row `i` minus its maximum to `out`; returns `x[label] - max`.
-    /// Unit-stride rows are read as a plain slice.
+    /// Rows `rows` as one slice, when they lie back to back (unit-stride rows
+    /// `classes` apart).
+    fn tile(&self, rows: std::ops::Range<usize>) -> Option<&'a [T]> {
+        let classes = self.view.dims[1];
+        let packed = self.view.strides[1] == 1 || classes == 1;
+        if !packed || (self.view.strides[0] != classes && rows.len() > 1) || rows.is_empty() {
+            return None;
+        }
+        let start = self.view.at([rows.start, 0]);
+        Some(&self.data[start..start + rows.len() * classes])
+    }
+
+    /// Appends row `i` minus its maximum to `out`. Unit-stride rows are read as
+    /// a plain slice.
     #[inline(always)]
-    fn push_shifted_row(&self, i: usize, label: usize, out: &mut Vec<T::Acc>) -> T::Acc {
+    fn push_shifted_row(&self, i: usize, out: &mut Vec<T::Acc>) {
         let start = self.view.at([i, 0]);
         let (classes, stride) = (self.view.dims[1], self.view.strides[1]);
-        let base = out.len();
         if stride == 1 || classes == 1 {
             push_shifted(self.data[start..start + classes].iter(), out);
         } else {
             push_shifted(self.data[start..].iter().step_by(stride).take(classes), out);
         }
-        out[base + label]
     }
 }
 
@@ -586,6 +614,68 @@ fn push_shifted<'a, T: FloatElem>(row: impl Iterator<Item = &'a T> + Clone, out:
         .reduce(|m, x| if x > m { x } else { m })
         .expect("a head has at least one class");
     out.extend(row.map(|x| x.to_acc() - max));
+}
+
+/// Runs `$small` with `$C` a constant equal to `$classes` when it is 2 to 8 (the
+/// class counts of classification heads): rows of a fixed size let the compiler
+/// unroll the per-row loops and vectorise across rows. Runs `$other` otherwise.
+macro_rules! with_small_classes {
+    ($classes:expr, $C:ident => $small:expr, $other:block) => {
+        match $classes {
+            2 => {
+                const $C: usize = 2;
+                $small
+            }
+            3 => {
+                const $C: usize = 3;
+                $small
+            }
+            4 => {
+                const $C: usize = 4;
+                $small
+            }
+            5 => {
+                const $C: usize = 5;
+                $small
+            }
+            6 => {
+                const $C: usize = 6;
+                $small
+            }
+            7 => {
+                const $C: usize = 7;
+                $small
+            }
+            8 => {
+                const $C: usize = 8;
+                $small
+            }
+            _ => $other,
+        }
+    };
+}
+
+/// Appends each `C`-sized row of `tile` minus the row's maximum to `out` (the
+/// fixed-size form of [`push_shifted`], with the same NaN rule).
+fn shift_by_row_max<T: FloatElem, const C: usize>(tile: &[T], out: &mut Vec<T::Acc>) {
+    let (rows, _) = tile.as_chunks::<C>();
+    let base = out.len();
+    out.resize(base + rows.len() * C, T::Acc::zero());
+    let (outs, _) = out[base..].as_chunks_mut::<C>();
+    for (o, row) in outs.iter_mut().zip(rows) {
+        let x = row.map(|v| v.to_acc());
+        let max = x[1..].iter().fold(x[0], |m, &v| if v > m { v } else { m });
+        *o = x.map(|v| v - max);
+    }
+}
+
+/// Appends the sum of each `C`-sized row of `values` to `out`.
+fn row_sums<A: Accum, const C: usize>(values: &[A], out: &mut Vec<A>) {
+    let (rows, _) = values.as_chunks::<C>();
+    out.extend(
+        rows.iter()
+            .map(|row| row[1..].iter().fold(row[0], |s, &v| s + v)),
+    );
 }
 
 /// The labels on the CPU: the storage slice and its `[N,2]` view.
@@ -609,6 +699,42 @@ impl<'a, L: Label> Labels<'a, L> {
             .map_err(|value| label_out_of_range(head, i, value, classes, L::IGNORE.to_i64()))
     }
 
+    /// Appends, for each row of `rows`, its class for `head` (0 for an ignored
+    /// row, so that it can index the row) to `class` and whether it is labelled
+    /// to `labelled`. Branch-free: which rows a mixed batch labels for a head is
+    /// unpredictable. An `Err` names the first out-of-range label of the rows.
+    fn decode_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        head: usize,
+        classes: usize,
+        class: &mut Vec<usize>,
+        labelled: &mut Vec<bool>,
+    ) -> Result<()> {
+        let (n, stride) = (rows.len(), self.view.strides[0]);
+        let first = self.view.at([rows.start, head]);
+        class.clear();
+        class.resize(n, 0);
+        labelled.clear();
+        labelled.resize(n, false);
+        let mut out_of_range = false;
+        for (k, (class, labelled)) in class.iter_mut().zip(labelled.iter_mut()).enumerate() {
+            let label = self.data[first + k * stride];
+            let value = label.to_i64();
+            let ignored = label == L::IGNORE;
+            let in_range = (value >= 0) & ((value as u64) < classes as u64);
+            out_of_range |= !ignored & !in_range;
+            *class = if in_range { value as usize } else { 0 };
+            *labelled = !ignored;
+        }
+        if out_of_range {
+            for i in rows {
+                self.class(i, head, classes)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The error for the first out-of-range label by row (then head), if any.
     /// Tiles go head by head, so this in-order scan names the label the user
     /// would find first.
@@ -622,19 +748,27 @@ impl<'a, L: Label> Labels<'a, L> {
     }
 }
 
-/// The labelled rows of one head in a tile of rows, with their logits shifted
-/// by the row max and exponentiated in one pass: `exps[k*C..(k+1)*C]` belongs
-/// to `rows[k] = (row, label, x[label] - max)`.
+/// One head over a tile of rows, every row computed alike whether labelled or
+/// not (the loops then have no data-dependent branches and vectorise; an
+/// ignored row's values are never used): `exps[k*C..(k+1)*C]` holds
+/// `exp(x − max)` of row `start + k`, `sums[k]` their sum, `losses[k]` the row's
+/// cross-entropy `ln(sums[k]) − (x[label] − max)`.
 struct Tile<A> {
     exps: Vec<A>,
-    rows: Vec<(usize, usize, A)>,
+    sums: Vec<A>,
+    losses: Vec<A>,
+    class: Vec<usize>,
+    labelled: Vec<bool>,
 }
 
-impl<A: ExpInPlace> Tile<A> {
+impl<A: ExpLnInPlace> Tile<A> {
     fn new() -> Self {
         Self {
             exps: Vec::new(),
-            rows: Vec::new(),
+            sums: Vec::new(),
+            losses: Vec::new(),
+            class: Vec::new(),
+            labelled: Vec::new(),
         }
     }
 
@@ -645,25 +779,82 @@ impl<A: ExpInPlace> Tile<A> {
         logits: &Logits<'_, T>,
         labels: &Labels<'_, L>,
     ) -> Result<()> {
-        self.exps.clear();
-        self.rows.clear();
         let classes = logits.view.dims[1];
-        for i in rows {
-            if let Some(label) = labels.class(i, head, classes)? {
-                let shifted_label = logits.push_shifted_row(i, label, &mut self.exps);
-                self.rows.push((i, label, shifted_label));
+        self.class.clear();
+        self.labelled.clear();
+        labels.decode_rows(
+            rows.clone(),
+            head,
+            classes,
+            &mut self.class,
+            &mut self.labelled,
+        )?;
+        self.exps.clear();
+        match logits.tile(rows.clone()) {
+            Some(tile) => {
+                with_small_classes!(classes, C => shift_by_row_max::<T, C>(tile, &mut self.exps), {
+                    for row in tile.chunks_exact(classes) {
+                        push_shifted(row.iter(), &mut self.exps);
+                    }
+                })
+            }
+            None => {
+                for i in rows {
+                    logits.push_shifted_row(i, &mut self.exps);
+                }
             }
         }
+        // x[label] − max, taken before the exponentials overwrite it.
+        self.losses.clear();
+        let shifted = self.exps.chunks_exact(classes).zip(&self.class);
+        self.losses.extend(shifted.map(|(row, &c)| row[c]));
         A::exp_in_place(&mut self.exps);
+        self.sums.clear();
+        with_small_classes!(classes, C => row_sums::<A, C>(&self.exps, &mut self.sums), {
+            let sums = self.exps.chunks_exact(classes).map(|row| row.iter().copied().sum::<A>());
+            self.sums.extend(sums);
+        });
+        // losses = ln(sums) − (x[label] − max), with ln vectorised over the tile.
+        let shifted_label = std::mem::replace(&mut self.losses, self.sums.clone());
+        A::ln_in_place(&mut self.losses);
+        for (loss, s) in self.losses.iter_mut().zip(shifted_label) {
+            *loss = *loss - s;
+        }
         Ok(())
     }
 
-    /// `(row, label, x[label] - max, exps of the row)` for each labelled row.
-    fn labelled_rows(&self, classes: usize) -> impl Iterator<Item = (usize, usize, A, &[A])> {
-        self.rows
-            .iter()
+    /// Writes `softmax − onehot` for each labelled row of the tile and 0 for an
+    /// ignored one (whatever its logits) into `out`, `classes` per row, every
+    /// element. Inlined so that a constant `classes` unrolls the row loop. Turns
+    /// `sums` into their reciprocals on the way (one vectorised pass of divisions
+    /// rather than one division per row in the row loop), so call it last.
+    #[inline(always)]
+    fn write_grads(&mut self, out: &mut [A], classes: usize) {
+        for s in &mut self.sums {
+            *s = s.recip();
+        }
+        let rows = out
+            .chunks_exact_mut(classes)
             .zip(self.exps.chunks_exact(classes))
-            .map(|(&(i, label, shifted_label), exps)| (i, label, shifted_label, exps))
+            .zip(self.sums.iter().zip(self.class.iter().zip(&self.labelled)));
+        for ((out, exps), (&inv, (&class, &labelled))) in rows {
+            for (j, (o, &e)) in out.iter_mut().zip(exps).enumerate() {
+                let onehot = if j == class { A::one() } else { A::zero() };
+                *o = (e * inv - onehot).or_zero(labelled);
+            }
+        }
+    }
+
+    /// The tile's loss sum and labelled-row count. The select (not a product
+    /// with 0/1) keeps an ignored row's NaN or infinity out.
+    fn loss_and_count(&self) -> (A, usize) {
+        let mut sum = A::zero();
+        let mut count = 0;
+        for (&loss, &labelled) in self.losses.iter().zip(&self.labelled) {
+            sum += if labelled { loss } else { A::zero() };
+            count += labelled as usize;
+        }
+        (sum, count)
     }
 }
 
@@ -681,7 +872,7 @@ fn forward_rows<T: FloatElem, L: Label>(
     labels: &Labels<'_, L>,
 ) -> Result<Partial<T::Acc>>
 where
-    T::Acc: ExpInPlace,
+    T::Acc: ExpLnInPlace,
 {
     let mut part = Partial {
         loss: [T::Acc::zero(); 2],
@@ -692,12 +883,9 @@ where
         let tile_rows = start..(start + tile_rows(dims)).min(rows.end);
         for (head, logits) in logits.iter().enumerate() {
             tile.fill(tile_rows.clone(), head, logits, labels)?;
-            for (_, _, shifted_label, exps) in tile.labelled_rows(dims.classes[head]) {
-                // logsumexp - x[label] = ln(Σ exp(x - max)) - (x[label] - max)
-                let sum_exp: T::Acc = exps.iter().copied().sum();
-                part.loss[head] += sum_exp.ln() - shifted_label;
-            }
-            part.count[head] += tile.rows.len();
+            let (loss, count) = tile.loss_and_count();
+            part.loss[head] += loss;
+            part.count[head] += count;
         }
     }
     Ok(part)
@@ -710,7 +898,7 @@ fn forward_cpu<T: FloatElem, L: Label>(
     labels: &Labels<'_, L>,
 ) -> Result<([T; 2], [usize; 2])>
 where
-    T::Acc: ExpInPlace,
+    T::Acc: ExpLnInPlace,
 {
     let chunk = |rows| forward_rows(rows, dims, logits, labels);
     // Partials come back in chunk order and are summed in that order, so the
@@ -761,9 +949,10 @@ fn forward_with_grads_cpu<T: FloatElem, L: Label>(
     labels: &Labels<'_, L>,
 ) -> Result<([T; 2], [usize; 2], Vec<T::Acc>)>
 where
-    T::Acc: ExpInPlace + WithDType,
+    T::Acc: ExpLnInPlace + WithDType,
 {
-    let mut grads = vec![T::Acc::zero(); grad_len(dims)];
+    // SAFETY: the chunks below write every row of both heads (tile by tile).
+    let mut grads = unsafe { output_buffer::<T::Acc>(grad_len(dims)) };
     let (grad_a, grad_b) = grads.split_at_mut(dims.n * dims.classes[0]);
     let chunk = |(rows, outs): (std::ops::Range<usize>, [&mut [T::Acc]; 2])| {
         let mut part = Partial {
@@ -776,17 +965,14 @@ where
             for (head, logits) in logits.iter().enumerate() {
                 let classes = dims.classes[head];
                 tile.fill(tile_rows.clone(), head, logits, labels)?;
-                for (i, label, shifted_label, exps) in tile.labelled_rows(classes) {
-                    let sum_exp: T::Acc = exps.iter().copied().sum();
-                    part.loss[head] += sum_exp.ln() - shifted_label;
-                    let out = &mut outs[head][(i - rows.start) * classes..][..classes];
-                    let inv = sum_exp.recip();
-                    for (o, &e) in out.iter_mut().zip(exps) {
-                        *o = e * inv;
-                    }
-                    out[label] -= T::Acc::one();
-                }
-                part.count[head] += tile.rows.len();
+                let (loss, count) = tile.loss_and_count();
+                part.loss[head] += loss;
+                part.count[head] += count;
+                let out =
+                    &mut outs[head][(start - rows.start) * classes..][..tile.sums.len() * classes];
+                with_small_classes!(classes, C => tile.write_grads(out, C), {
+                    tile.write_grads(out, classes)
+                });
             }
         }
         Ok(part)

@@ -19,6 +19,9 @@ pub trait Accum:
     + 'static
 {
     fn of(v: f64) -> Self;
+    /// `self` if `keep`, else +0 (NaN and infinities too), by masking the bits:
+    /// no branch, so a loop of these vectorises.
+    fn or_zero(self, keep: bool) -> Self;
 }
 
 impl Accum for f32 {
@@ -26,12 +29,22 @@ impl Accum for f32 {
     fn of(v: f64) -> Self {
         v as f32
     }
+
+    #[inline(always)]
+    fn or_zero(self, keep: bool) -> Self {
+        f32::from_bits(self.to_bits() & 0u32.wrapping_sub(keep as u32))
+    }
 }
 
 impl Accum for f64 {
     #[inline(always)]
     fn of(v: f64) -> Self {
         v
+    }
+
+    #[inline(always)]
+    fn or_zero(self, keep: bool) -> Self {
+        f64::from_bits(self.to_bits() & 0u64.wrapping_sub(keep as u64))
     }
 }
 

@@ -1,0 +1,323 @@
+//! The CPU ops' targets measured side by side: each fused op and what it is
+//! compared with (the same computation composed from candle ops, a bare matmul,
+//! a plain pass over memory) run alternately, one call each per round, in one
+//! process. On a noisy machine the ratio of two medians taken minutes apart (as
+//! criterion's `benches/ops` takes them, one function after the other) moves with
+//! the neighbours; taken round by round, both sides see the same neighbours.
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo bench --bench side_by_side
+//! ```
+//!
+//! Prints a Markdown table of the medians, their ratio and the target.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Result, Storage, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use sentence_mtl::ops::cross_entropy::dual_head_cross_entropy_composed;
+use sentence_mtl::ops::{
+    cosine_similarity, cosine_similarity_matrix, dual_head_cross_entropy, l2_normalize,
+    masked_mean_pool, IGNORE_INDEX,
+};
+
+#[path = "ops/composed.rs"]
+mod composed;
+
+/// Wall time each comparison gets (beyond its warm-up), and its round limits.
+const BUDGET: Duration = Duration::from_secs(3);
+const MIN_ROUNDS: usize = 9;
+const MAX_ROUNDS: usize = 500;
+
+type Run = Box<dyn FnMut() -> Result<()>>;
+
+/// One comparison: `fused` against `other`.
+struct Comparison {
+    op: String,
+    size: String,
+    other_name: &'static str,
+    target: &'static str,
+    fused: Run,
+    other: Run,
+}
+
+/// Medians of `fused` and `other` over alternating rounds (which one goes
+/// first alternates too). In a round each side first runs untimed for `WARM`,
+/// then is timed over calls adding up to at least `TIMED`: on this VM an idle
+/// vCPU (the second core sits idle through a single-threaded composed op, or
+/// any pause) takes about 10 ms of work to come back to speed, and a call
+/// right after the other side would pay for that, or for the other side's
+/// cache state, instead of its own cost.
+fn medians(c: &mut Comparison) -> Result<(Duration, Duration, usize)> {
+    const WARM: Duration = Duration::from_millis(20);
+    const TIMED: Duration = Duration::from_millis(20);
+    let (mut fused, mut other) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while fused.len() < MIN_ROUNDS || (start.elapsed() < BUDGET && fused.len() < MAX_ROUNDS) {
+        let fused_first = fused.len() % 2 == 0;
+        for first in [fused_first, !fused_first] {
+            let (run, times) = if first {
+                (&mut c.fused, &mut fused)
+            } else {
+                (&mut c.other, &mut other)
+            };
+            let warm = Instant::now();
+            run()?;
+            while warm.elapsed() < WARM {
+                run()?;
+            }
+            let (t, mut calls) = (Instant::now(), 0u32);
+            while calls == 0 || t.elapsed() < TIMED {
+                run()?;
+                calls += 1;
+            }
+            times.push(t.elapsed() / calls);
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let rounds = fused.len();
+    Ok((median(&mut fused), median(&mut other), rounds))
+}
+
+fn forward2(op: fn(&Tensor, &Tensor) -> Result<Tensor>, a: &Var, b: &Tensor) -> Run {
+    let (a, b) = (a.as_tensor().detach(), b.clone());
+    Box::new(move || op(&a, &b).map(drop))
+}
+
+/// Forward, sum, backward: `a` is the `Var` the gradient flows to.
+fn backward2(op: fn(&Tensor, &Tensor) -> Result<Tensor>, a: &Var, b: &Tensor) -> Run {
+    let (a, b) = (a.clone(), b.clone());
+    Box::new(move || op(a.as_tensor(), &b)?.sum_all()?.backward().map(drop))
+}
+
+fn random(dims: &[usize]) -> Result<Var> {
+    Var::randn(0f32, 1f32, dims, &Device::Cpu)
+}
+
+/// One read and one write of every element, in parallel, into a fresh tensor:
+/// the least any elementwise op on `x` does (a normalisation also reads each
+/// row a second time, from L1).
+fn memory_floor(x: &Tensor, _: &Tensor) -> Result<Tensor> {
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("memory_floor: CPU tensors only");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .expect("memory_floor: a contiguous input");
+    let data = &cpu.as_slice::<f32>()?[start..end];
+    let out: Vec<f32> = data.par_iter().map(|v| v * 0.5).collect();
+    Tensor::from_vec(out, x.shape(), x.device())
+}
+
+fn mean_pool_cases(cases: &mut Vec<Comparison>) -> Result<()> {
+    for (b, t, h) in [(32, 128, 384), (64, 128, 768)] {
+        let hidden = random(&[b, t, h])?;
+        let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu)?;
+        let size = format!("[{b},{t},{h}]");
+        cases.push(Comparison {
+            op: "mean pool forward".into(),
+            size: size.clone(),
+            other_name: "composed",
+            target: "≥ 3",
+            fused: forward2(masked_mean_pool, &hidden, &mask),
+            other: forward2(composed::mean_pool, &hidden, &mask),
+        });
+        cases.push(Comparison {
+            op: "mean pool fwd+bwd".into(),
+            size,
+            other_name: "composed",
+            target: "≥ 3",
+            fused: backward2(masked_mean_pool, &hidden, &mask),
+            other: backward2(composed::mean_pool, &hidden, &mask),
+        });
+    }
+    Ok(())
+}
+
+fn cosine_cases(cases: &mut Vec<Comparison>) -> Result<()> {
+    let (a, b) = (random(&[4096, 384])?, random(&[4096, 384])?);
+    let size = "[4096,384]".to_string();
+    let b_t = b.as_tensor().detach();
+    let row = |op: &str, other_name, target, fused, other| Comparison {
+        op: op.into(),
+        size: size.clone(),
+        other_name,
+        target,
+        fused,
+        other,
+    };
+    cases.push(row(
+        "cosine row-wise forward",
+        "composed",
+        "≥ 3",
+        forward2(cosine_similarity, &a, &b_t),
+        forward2(composed::row_cosine, &a, &b_t),
+    ));
+    cases.push(row(
+        "cosine row-wise fwd+bwd",
+        "composed",
+        "≥ 3",
+        backward2(cosine_similarity, &a, &b_t),
+        backward2(composed::row_cosine, &a, &b_t),
+    ));
+    let normalize = |x: &Tensor, _: &Tensor| l2_normalize(x);
+    let composed_normalize = |x: &Tensor, _: &Tensor| composed::normalize(x);
+    cases.push(row(
+        "l2_normalize forward",
+        "composed",
+        "≥ 3",
+        forward2(normalize, &a, &b_t),
+        forward2(composed_normalize, &a, &b_t),
+    ));
+    cases.push(row(
+        "l2_normalize forward",
+        "memory floor",
+        "(≤ 1: floor)",
+        forward2(normalize, &a, &b_t),
+        forward2(memory_floor, &a, &b_t),
+    ));
+    cases.push(row(
+        "l2_normalize fwd+bwd",
+        "composed",
+        "≥ 3",
+        backward2(normalize, &a, &b_t),
+        backward2(composed_normalize, &a, &b_t),
+    ));
+
+    let (a, b) = (random(&[1024, 384])?, random(&[1024, 384])?);
+    let (a_hat, b_hat) = (
+        Var::from_tensor(&composed::normalize(a.as_tensor())?)?,
+        Var::from_tensor(&composed::normalize(b.as_tensor())?)?,
+    );
+    let b_t = b.as_tensor().detach();
+    let b_hat_t = b_hat.as_tensor().detach();
+    let size = "[1024,384]x[1024,384]".to_string();
+    let matrix = |op: &str, other_name, target, fused, other| Comparison {
+        op: op.into(),
+        size: size.clone(),
+        other_name,
+        target,
+        fused,
+        other,
+    };
+    cases.push(matrix(
+        "cosine matrix forward",
+        "composed",
+        "— (gemm-bound)",
+        forward2(cosine_similarity_matrix, &a, &b_t),
+        forward2(composed::matrix, &a, &b_t),
+    ));
+    cases.push(matrix(
+        "cosine matrix forward",
+        "bare matmul",
+        "≥ 0.83 (within 1.2x)",
+        forward2(cosine_similarity_matrix, &a, &b_t),
+        forward2(composed::bare_matmul, &a_hat, &b_hat_t),
+    ));
+    cases.push(matrix(
+        "cosine matrix fwd+bwd",
+        "bare matmul",
+        "≥ 0.83 (within 1.2x)",
+        backward2(cosine_similarity_matrix, &a, &b_t),
+        backward2(composed::bare_matmul, &a_hat, &b_hat_t),
+    ));
+    Ok(())
+}
+
+fn cross_entropy_cases(cases: &mut Vec<Comparison>) -> Result<()> {
+    const ROWS: usize = 4096;
+    let mut rng = StdRng::seed_from_u64(0);
+    // Each row labelled for one head only: the mixed multi-task batch.
+    let labels: Vec<i64> = (0..ROWS)
+        .flat_map(|_| match rng.random_range(0..2) {
+            0 => [rng.random_range(0..4), IGNORE_INDEX],
+            _ => [IGNORE_INDEX, rng.random_range(0..3)],
+        })
+        .collect();
+    let labels = Tensor::from_vec(labels, (ROWS, 2), &Device::Cpu)?;
+    let (a, b) = (random(&[ROWS, 4])?, random(&[ROWS, 3])?);
+    let size = format!("[{ROWS},4]+[{ROWS},3]");
+    type Ce = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+    let forward = |op: Ce| -> Run {
+        let (a, b, l) = (
+            a.as_tensor().detach(),
+            b.as_tensor().detach(),
+            labels.clone(),
+        );
+        Box::new(move || op(&a, &b, &l).map(drop))
+    };
+    let backward = |op: Ce| -> Run {
+        let (a, b, l) = (a.clone(), b.clone(), labels.clone());
+        Box::new(move || {
+            op(a.as_tensor(), b.as_tensor(), &l)?
+                .sum_all()?
+                .backward()
+                .map(drop)
+        })
+    };
+    cases.push(Comparison {
+        op: "dual CE forward".into(),
+        size: size.clone(),
+        other_name: "composed",
+        target: "≥ 3",
+        fused: forward(dual_head_cross_entropy),
+        other: forward(dual_head_cross_entropy_composed),
+    });
+    cases.push(Comparison {
+        op: "dual CE fwd+bwd".into(),
+        size,
+        other_name: "composed",
+        target: "≥ 5",
+        fused: backward(dual_head_cross_entropy),
+        other: backward(dual_head_cross_entropy_composed),
+    });
+    Ok(())
+}
+
+fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; a name given after `--` filters the ops.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let mut cases = Vec::new();
+    mean_pool_cases(&mut cases)?;
+    cosine_cases(&mut cases)?;
+    cross_entropy_cases(&mut cases)?;
+    println!(
+        "| op | size | fused | compared with | its time | ratio (its / fused) | target | rounds |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for case in &mut cases {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !case.op.contains(f.as_str()))
+        {
+            continue;
+        }
+        let (fused, other, rounds) = medians(case)?;
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {rounds} |",
+            case.op,
+            case.size,
+            fmt(fused),
+            case.other_name,
+            fmt(other),
+            other.as_secs_f64() / fused.as_secs_f64(),
+            case.target,
+        );
+    }
+    Ok(())
+}
