@@ -265,8 +265,11 @@ proptest! {
 
 #[test]
 fn large_inputs_take_the_parallel_path() -> Result<()> {
-    // 2·600·300 elements: above the rayon threshold, with padded rows.
+    // 2·600·300 elements: above the rayon threshold, with padded rows; the
+    // normalisation's runs of 32 rows end mid-batch and with a short last run.
     check_normalize(600, 300, DType::F32, Strided::PaddedRows, 1)?;
+    check_normalize(1001, 77, DType::F32, Strided::Contiguous, 5)?;
+    check_normalize(700, 101, DType::BF16, Strided::Transposed, 6)?;
     check_row_cosine(
         600,
         300,
@@ -287,6 +290,22 @@ fn large_inputs_take_the_parallel_path() -> Result<()> {
         (Strided::Contiguous, Strided::PaddedRows),
         4,
     )
+}
+
+/// The same sentence twice gets the same embedding, bit for bit, wherever it
+/// sits in the batch (the CPU path sums some rows' squares in a pipelined loop).
+#[test]
+fn equal_rows_normalise_to_identical_rows() -> Result<()> {
+    for h in [13, 77, 389] {
+        for _ in 0..20 {
+            let row = Tensor::randn(0f32, 1f32, (1, h), &CPU)?;
+            let batch = row.repeat((1000, 1))?;
+            let rows = l2_normalize(&batch)?.to_vec2::<f32>()?;
+            assert!(rows.iter().all(|r| r == &rows[0]), "h = {h}");
+            assert_eq!(rows[0], l2_normalize(&row)?.to_vec2::<f32>()?[0]);
+        }
+    }
+    Ok(())
 }
 
 #[test]

@@ -509,15 +509,54 @@ mod cpu {
         let (n, h) = (x.count(), x.len());
         // SAFETY: every row is written by for_each_row.
         let mut out = unsafe { output_buffer::<T>(n * h) };
-        for_each_row(&mut out, h, n * h, |s, i, y| {
-            let row = x.row(i, &mut s.x);
-            let (d, _) = clamped_norm(sum_sq(row));
-            let inv = d.recip();
-            for (o, u) in y.iter_mut().zip(row) {
-                *o = T::from_acc(u.to_acc() * inv);
+        // Runs of rows per task, software-pipelined: row i is scaled in the
+        // same loop that sums the squares of row i+1, so the loads from memory
+        // never wait for a row's sum to finish.
+        const RUN: usize = 32;
+        let inv_norm = |row: &[T]| clamped_norm(sum_sq(row)).0.recip();
+        for_each_row(&mut out, h * RUN, n * h, |s, run, y| {
+            let first = run * RUN;
+            let rows = first..first + y.len() / h;
+            let mut inv = inv_norm(x.row(first, &mut s.x));
+            for (i, y) in rows.clone().zip(y.chunks_exact_mut(h)) {
+                let row = x.row(i, &mut s.x);
+                if i + 1 < rows.end {
+                    let sq = scale_and_sum_sq(y, row, inv, x.row(i + 1, &mut s.y));
+                    inv = clamped_norm(sq).0.recip();
+                } else {
+                    for (o, u) in y.iter_mut().zip(row) {
+                        *o = T::from_acc(u.to_acc() * inv);
+                    }
+                }
             }
         });
         out
+    }
+
+    /// `out = x·scale`, returning `Σnext²` (the next row's, loaded alongside).
+    #[allow(clippy::needless_range_loop)]
+    fn scale_and_sum_sq<T: FloatElem>(out: &mut [T], x: &[T], scale: Acc<T>, next: &[T]) -> Acc<T> {
+        let mut sq = [Acc::<T>::zero(); LANES];
+        let chunks = out
+            .chunks_exact_mut(LANES)
+            .zip(x.chunks_exact(LANES))
+            .zip(next.chunks_exact(LANES));
+        for ((o, u), v) in chunks {
+            for k in 0..LANES {
+                o[k] = T::from_acc(u[k].to_acc() * scale);
+                let v = v[k].to_acc();
+                sq[k] += v * v;
+            }
+        }
+        // The tail after the lanes' total, as `sum_sq` adds them: equal rows get
+        // bit-identical norms wherever they sit in a run.
+        let mut sum: Acc<T> = sq.into_iter().sum();
+        let tail = out.len() - out.len() % LANES;
+        for ((o, u), v) in out[tail..].iter_mut().zip(&x[tail..]).zip(&next[tail..]) {
+            *o = T::from_acc(u.to_acc() * scale);
+            sum += v.to_acc() * v.to_acc();
+        }
+        sum
     }
 
     /// `dx = g/d − x·⟨x,g⟩/d³` with `d = ‖x‖` at or above the clamp, else `g/EPS`.
