@@ -383,6 +383,7 @@ impl<'a, T: Copy> Rows<'a, T> {
         self.view.dims[1]
     }
 
+    #[inline(always)]
     fn row<'s>(&'s self, i: usize, scratch: &'s mut Vec<T>) -> &'s [T] {
         let (start, h) = (self.view.at([i, 0]), self.len());
         if self.view.rows_contiguous() {
