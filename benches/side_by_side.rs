@@ -43,6 +43,25 @@ struct Comparison {
     other: Run,
 }
 
+/// `fused` against `other` (`other_name`), for `op` at `size`.
+fn compare(
+    op: &str,
+    size: &str,
+    other_name: &'static str,
+    target: &'static str,
+    fused: Run,
+    other: Run,
+) -> Comparison {
+    Comparison {
+        op: op.into(),
+        size: size.into(),
+        other_name,
+        target,
+        fused,
+        other,
+    }
+}
+
 /// Medians of `fused` and `other` over alternating rounds (which one goes
 /// first alternates too). In a round each side first runs untimed for `WARM`,
 /// then is timed over calls adding up to at least `TIMED`: on this VM an idle
@@ -120,112 +139,102 @@ fn mean_pool_cases(cases: &mut Vec<Comparison>) -> Result<()> {
         let hidden = random(&[b, t, h])?;
         let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu)?;
         let size = format!("[{b},{t},{h}]");
-        cases.push(Comparison {
-            op: "mean pool forward".into(),
-            size: size.clone(),
-            other_name: "composed",
-            target: "≥ 3",
-            fused: forward2(masked_mean_pool, &hidden, &mask),
-            other: forward2(composed::mean_pool, &hidden, &mask),
-        });
-        cases.push(Comparison {
-            op: "mean pool fwd+bwd".into(),
-            size,
-            other_name: "composed",
-            target: "≥ 3",
-            fused: backward2(masked_mean_pool, &hidden, &mask),
-            other: backward2(composed::mean_pool, &hidden, &mask),
-        });
+        cases.push(compare(
+            "mean pool forward",
+            &size,
+            "composed",
+            "≥ 3",
+            forward2(masked_mean_pool, &hidden, &mask),
+            forward2(composed::mean_pool, &hidden, &mask),
+        ));
+        cases.push(compare(
+            "mean pool fwd+bwd",
+            &size,
+            "composed",
+            "≥ 3",
+            backward2(masked_mean_pool, &hidden, &mask),
+            backward2(composed::mean_pool, &hidden, &mask),
+        ));
     }
     Ok(())
 }
 
 fn cosine_cases(cases: &mut Vec<Comparison>) -> Result<()> {
     let (a, b) = (random(&[4096, 384])?, random(&[4096, 384])?);
-    let size = "[4096,384]".to_string();
-    let b_t = b.as_tensor().detach();
-    let row = |op: &str, other_name, target, fused, other| Comparison {
-        op: op.into(),
-        size: size.clone(),
-        other_name,
-        target,
-        fused,
-        other,
-    };
-    cases.push(row(
+    let b = b.as_tensor().detach();
+    let size = "[4096,384]";
+    cases.push(compare(
         "cosine row-wise forward",
+        size,
         "composed",
         "≥ 3",
-        forward2(cosine_similarity, &a, &b_t),
-        forward2(composed::row_cosine, &a, &b_t),
+        forward2(cosine_similarity, &a, &b),
+        forward2(composed::row_cosine, &a, &b),
     ));
-    cases.push(row(
+    cases.push(compare(
         "cosine row-wise fwd+bwd",
+        size,
         "composed",
         "≥ 3",
-        backward2(cosine_similarity, &a, &b_t),
-        backward2(composed::row_cosine, &a, &b_t),
+        backward2(cosine_similarity, &a, &b),
+        backward2(composed::row_cosine, &a, &b),
     ));
     let normalize = |x: &Tensor, _: &Tensor| l2_normalize(x);
     let composed_normalize = |x: &Tensor, _: &Tensor| composed::normalize(x);
-    cases.push(row(
+    cases.push(compare(
         "l2_normalize forward",
+        size,
         "composed",
         "≥ 3",
-        forward2(normalize, &a, &b_t),
-        forward2(composed_normalize, &a, &b_t),
+        forward2(normalize, &a, &b),
+        forward2(composed_normalize, &a, &b),
     ));
-    cases.push(row(
+    cases.push(compare(
         "l2_normalize forward",
+        size,
         "memory floor",
         "(≤ 1: floor)",
-        forward2(normalize, &a, &b_t),
-        forward2(memory_floor, &a, &b_t),
+        forward2(normalize, &a, &b),
+        forward2(memory_floor, &a, &b),
     ));
-    cases.push(row(
+    cases.push(compare(
         "l2_normalize fwd+bwd",
+        size,
         "composed",
         "≥ 3",
-        backward2(normalize, &a, &b_t),
-        backward2(composed_normalize, &a, &b_t),
+        backward2(normalize, &a, &b),
+        backward2(composed_normalize, &a, &b),
     ));
 
     let (a, b) = (random(&[1024, 384])?, random(&[1024, 384])?);
-    let (a_hat, b_hat) = (
-        Var::from_tensor(&composed::normalize(a.as_tensor())?)?,
-        Var::from_tensor(&composed::normalize(b.as_tensor())?)?,
-    );
-    let b_t = b.as_tensor().detach();
-    let b_hat_t = b_hat.as_tensor().detach();
-    let size = "[1024,384]x[1024,384]".to_string();
-    let matrix = |op: &str, other_name, target, fused, other| Comparison {
-        op: op.into(),
-        size: size.clone(),
-        other_name,
-        target,
-        fused,
-        other,
-    };
-    cases.push(matrix(
+    let b = b.as_tensor().detach();
+    // The bare matmul's inputs, normalised beforehand.
+    let a_hat = Var::from_tensor(&composed::normalize(a.as_tensor())?)?;
+    let b_hat = composed::normalize(&b)?;
+    let size = "[1024,384]x[1024,384]";
+    cases.push(compare(
         "cosine matrix forward",
+        size,
         "composed",
         "— (gemm-bound)",
-        forward2(cosine_similarity_matrix, &a, &b_t),
-        forward2(composed::matrix, &a, &b_t),
+        forward2(cosine_similarity_matrix, &a, &b),
+        forward2(composed::matrix, &a, &b),
     ));
-    cases.push(matrix(
+    cases.push(compare(
         "cosine matrix forward",
+        size,
         "bare matmul",
         "≥ 0.83 (within 1.2x)",
-        forward2(cosine_similarity_matrix, &a, &b_t),
-        forward2(composed::bare_matmul, &a_hat, &b_hat_t),
+        forward2(cosine_similarity_matrix, &a, &b),
+        forward2(composed::bare_matmul, &a_hat, &b_hat),
     ));
-    cases.push(matrix(
+    cases.push(compare(
         "cosine matrix fwd+bwd",
+        size,
         "bare matmul",
         "≥ 0.83 (within 1.2x)",
-        backward2(cosine_similarity_matrix, &a, &b_t),
-        backward2(composed::bare_matmul, &a_hat, &b_hat_t),
+        backward2(cosine_similarity_matrix, &a, &b),
+        backward2(composed::bare_matmul, &a_hat, &b_hat),
     ));
     Ok(())
 }
@@ -261,22 +270,22 @@ fn cross_entropy_cases(cases: &mut Vec<Comparison>) -> Result<()> {
                 .map(drop)
         })
     };
-    cases.push(Comparison {
-        op: "dual CE forward".into(),
-        size: size.clone(),
-        other_name: "composed",
-        target: "≥ 3",
-        fused: forward(dual_head_cross_entropy),
-        other: forward(dual_head_cross_entropy_composed),
-    });
-    cases.push(Comparison {
-        op: "dual CE fwd+bwd".into(),
-        size,
-        other_name: "composed",
-        target: "≥ 5",
-        fused: backward(dual_head_cross_entropy),
-        other: backward(dual_head_cross_entropy_composed),
-    });
+    cases.push(compare(
+        "dual CE forward",
+        &size,
+        "composed",
+        "≥ 3",
+        forward(dual_head_cross_entropy),
+        forward(dual_head_cross_entropy_composed),
+    ));
+    cases.push(compare(
+        "dual CE fwd+bwd",
+        &size,
+        "composed",
+        "≥ 5",
+        backward(dual_head_cross_entropy),
+        backward(dual_head_cross_entropy_composed),
+    ));
     Ok(())
 }
 

@@ -616,65 +616,74 @@ fn push_shifted<'a, T: FloatElem>(row: impl Iterator<Item = &'a T> + Clone, out:
     out.extend(row.map(|x| x.to_acc() - max));
 }
 
-/// Runs `$small` with `$C` a constant equal to `$classes` when it is 2 to 8 (the
-/// class counts of classification heads): rows of a fixed size let the compiler
-/// unroll the per-row loops and vectorise across rows. Runs `$other` otherwise.
+/// Evaluates `$body` with `$c` bound to `$classes`: as a literal constant when
+/// it is 2 to 8 (the class counts of classification heads), so that the
+/// `#[inline(always)]` row loops in `$body` get a fixed row size, unroll and
+/// vectorise across rows; as the runtime value otherwise.
 macro_rules! with_small_classes {
-    ($classes:expr, $C:ident => $small:expr, $other:block) => {
+    ($classes:expr, $c:ident => $body:expr) => {
         match $classes {
             2 => {
-                const $C: usize = 2;
-                $small
+                let $c = 2;
+                $body
             }
             3 => {
-                const $C: usize = 3;
-                $small
+                let $c = 3;
+                $body
             }
             4 => {
-                const $C: usize = 4;
-                $small
+                let $c = 4;
+                $body
             }
             5 => {
-                const $C: usize = 5;
-                $small
+                let $c = 5;
+                $body
             }
             6 => {
-                const $C: usize = 6;
-                $small
+                let $c = 6;
+                $body
             }
             7 => {
-                const $C: usize = 7;
-                $small
+                let $c = 7;
+                $body
             }
             8 => {
-                const $C: usize = 8;
-                $small
+                let $c = 8;
+                $body
             }
-            _ => $other,
+            $c => $body,
         }
     };
 }
 
-/// Appends each `C`-sized row of `tile` minus the row's maximum to `out` (the
-/// fixed-size form of [`push_shifted`], with the same NaN rule).
-fn shift_by_row_max<T: FloatElem, const C: usize>(tile: &[T], out: &mut Vec<T::Acc>) {
-    let (rows, _) = tile.as_chunks::<C>();
+/// Appends each `classes`-sized row of `tile` minus the row's maximum to `out`
+/// (the tile form of [`push_shifted`], with the same NaN rule).
+#[inline(always)]
+fn shift_by_row_max<T: FloatElem>(tile: &[T], classes: usize, out: &mut Vec<T::Acc>) {
     let base = out.len();
-    out.resize(base + rows.len() * C, T::Acc::zero());
-    let (outs, _) = out[base..].as_chunks_mut::<C>();
-    for (o, row) in outs.iter_mut().zip(rows) {
-        let x = row.map(|v| v.to_acc());
-        let max = x[1..].iter().fold(x[0], |m, &v| if v > m { v } else { m });
-        *o = x.map(|v| v - max);
+    out.resize(base + tile.len(), T::Acc::zero());
+    let rows = out[base..]
+        .chunks_exact_mut(classes)
+        .zip(tile.chunks_exact(classes));
+    for (o, row) in rows {
+        let max =
+            row[1..].iter().fold(
+                row[0].to_acc(),
+                |m, v| if v.to_acc() > m { v.to_acc() } else { m },
+            );
+        for (o, v) in o.iter_mut().zip(row) {
+            *o = v.to_acc() - max;
+        }
     }
 }
 
-/// Appends the sum of each `C`-sized row of `values` to `out`.
-fn row_sums<A: Accum, const C: usize>(values: &[A], out: &mut Vec<A>) {
-    let (rows, _) = values.as_chunks::<C>();
+/// Appends the sum of each `classes`-sized row of `values` to `out`.
+#[inline(always)]
+fn row_sums<A: Accum>(values: &[A], classes: usize, out: &mut Vec<A>) {
     out.extend(
-        rows.iter()
-            .map(|row| row[1..].iter().fold(row[0], |s, &v| s + v)),
+        values
+            .chunks_exact(classes)
+            .map(|row| row.iter().copied().sum::<A>()),
     );
 }
 
@@ -792,11 +801,7 @@ impl<A: ExpLnInPlace> Tile<A> {
         self.exps.clear();
         match logits.tile(rows.clone()) {
             Some(tile) => {
-                with_small_classes!(classes, C => shift_by_row_max::<T, C>(tile, &mut self.exps), {
-                    for row in tile.chunks_exact(classes) {
-                        push_shifted(row.iter(), &mut self.exps);
-                    }
-                })
+                with_small_classes!(classes, c => shift_by_row_max(tile, c, &mut self.exps))
             }
             None => {
                 for i in rows {
@@ -810,10 +815,7 @@ impl<A: ExpLnInPlace> Tile<A> {
         self.losses.extend(shifted.map(|(row, &c)| row[c]));
         A::exp_in_place(&mut self.exps);
         self.sums.clear();
-        with_small_classes!(classes, C => row_sums::<A, C>(&self.exps, &mut self.sums), {
-            let sums = self.exps.chunks_exact(classes).map(|row| row.iter().copied().sum::<A>());
-            self.sums.extend(sums);
-        });
+        with_small_classes!(classes, c => row_sums(&self.exps, c, &mut self.sums));
         // losses = ln(sums) − (x[label] − max), with ln vectorised over the tile.
         let shifted_label = std::mem::replace(&mut self.losses, self.sums.clone());
         A::ln_in_place(&mut self.losses);
@@ -970,9 +972,7 @@ where
                 part.count[head] += count;
                 let out =
                     &mut outs[head][(start - rows.start) * classes..][..tile.sums.len() * classes];
-                with_small_classes!(classes, C => tile.write_grads(out, C), {
-                    tile.write_grads(out, classes)
-                });
+                with_small_classes!(classes, c => tile.write_grads(out, c));
             }
         }
         Ok(part)
