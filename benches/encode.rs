@@ -7,7 +7,6 @@
 //! (`ENCODE_BENCH_REPEATS=4` for a shorter set; `--profile-time 30` to profile)
 //! (threads: candle follows RAYON_NUM_THREADS, default all cores).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -17,6 +16,10 @@ use sentence_mtl::model::{resolve_cached, SentenceEncoder, DEFAULT_MODEL};
 const BATCH_SIZE: usize = 32;
 
 /// How many times the 50 sentences are repeated: `$ENCODE_BENCH_REPEATS`, default 20.
+#[path = "../tests/common/shared.rs"]
+mod shared;
+use shared::shared_dir;
+
 fn repeats() -> usize {
     std::env::var("ENCODE_BENCH_REPEATS")
         .ok()
@@ -25,13 +28,7 @@ fn repeats() -> usize {
 }
 
 fn sentences() -> Vec<String> {
-    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let shared = match std::env::var_os("SENTENCE_MTL_SHARED") {
-        Some(dir) => PathBuf::from(dir),
-        None if !crate_dir.join("../shared").is_dir() => crate_dir.join("../../shared"),
-        None => crate_dir.join("../shared"),
-    };
-    let path = shared.join("reference/minilm_reference.json");
+    let path = shared_dir().join("reference/minilm_reference.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "cannot read {} (set SENTENCE_MTL_SHARED): {e}",

@@ -17,3 +17,8 @@ pub mod model;
 pub mod ops;
 pub mod runtime;
 pub mod train;
+
+// The README's example runs as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;

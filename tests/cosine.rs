@@ -125,12 +125,6 @@ fn hidden() -> impl Strategy<Value = usize> {
     prop_oneof![8 => 1usize..80, 1 => 80usize..1100]
 }
 
-fn shared_dir() -> std::path::PathBuf {
-    std::env::var_os("SENTENCE_MTL_SHARED")
-        .map(Into::into)
-        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared").into())
-}
-
 // ---- against the f64 reference, random shapes / dtypes / layouts ------------------
 
 fn check_normalize(n: usize, h: usize, dtype: DType, kind: Strided, seed: u64) -> Result<()> {
@@ -303,6 +297,62 @@ fn equal_rows_normalise_to_identical_rows() -> Result<()> {
             let rows = l2_normalize(&batch)?.to_vec2::<f32>()?;
             assert!(rows.iter().all(|r| r == &rows[0]), "h = {h}");
             assert_eq!(rows[0], l2_normalize(&row)?.to_vec2::<f32>()?[0]);
+        }
+    }
+    Ok(())
+}
+
+/// Inputs broadcast along the hidden size (stride 0 within a row) or along
+/// the rows (one row repeated) give what their contiguous copies give, in all
+/// three ops, forward and backward; past the parallel threshold too.
+#[test]
+fn broadcast_inputs_match_their_copies() -> Result<()> {
+    for (n, h) in [(5, 37), (3000, 77)] {
+        for dtype in [DType::F32, DType::BF16, DType::F64] {
+            let mut rng = rng(9);
+            let column = Var::from_tensor(&random_tensor(&mut rng, &[n, 1], DType::F32, &CPU)?)?;
+            let row = Var::from_tensor(&random_tensor(&mut rng, &[1, h], DType::F32, &CPU)?)?;
+            let full = Var::from_tensor(&random_tensor(&mut rng, &[n, h], DType::F32, &CPU)?)?;
+            let sources = [column, row, full];
+            let views = |v: &[Var]| -> Result<Vec<Tensor>> {
+                v.iter()
+                    .map(|v| v.as_tensor().to_dtype(dtype)?.broadcast_as((n, h)))
+                    .collect()
+            };
+            let what = format!("[{n},{h}]");
+            assert_broadcast_views_match_copies(
+                &format!("l2_normalize {what}, columns broadcast"),
+                &sources[..1],
+                views,
+                |t| l2_normalize(&t[0]),
+                dtype,
+            )?;
+            assert_broadcast_views_match_copies(
+                &format!("l2_normalize {what}, rows broadcast"),
+                &sources[1..2],
+                views,
+                |t| l2_normalize(&t[0]),
+                dtype,
+            )?;
+            for (pair, label) in [([0, 1], "both broadcast"), ([1, 2], "b broadcast")] {
+                let two = [sources[pair[0]].clone(), sources[pair[1]].clone()];
+                assert_broadcast_views_match_copies(
+                    &format!("cosine_similarity {what}, {label}"),
+                    &two,
+                    views,
+                    |t| cosine_similarity(&t[0], &t[1]),
+                    dtype,
+                )?;
+                if n <= 100 {
+                    assert_broadcast_views_match_copies(
+                        &format!("cosine_similarity_matrix {what}, {label}"),
+                        &two,
+                        views,
+                        |t| cosine_similarity_matrix(&t[0], &t[1]),
+                        dtype,
+                    )?;
+                }
+            }
         }
     }
     Ok(())

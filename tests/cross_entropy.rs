@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{
-    assert_close, assert_close_tol, random_tensor, rng, strided_view, values, Strided,
-    FLOAT_DTYPES, STRIDED_KINDS,
+    assert_broadcast_views_match_copies, assert_close, assert_close_tol, random_tensor, rng,
+    strided_view, values, Strided, FLOAT_DTYPES, STRIDED_KINDS,
 };
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -439,6 +439,39 @@ fn matches_candle_composed_ops() -> Result<()> {
             .zip(fused.iter().zip(&composed))
         {
             assert_close(&format!("{dtype:?} {what}: fused vs composed"), f, c, dtype);
+        }
+    }
+    Ok(())
+}
+
+/// Logits broadcast along the classes (class stride 0) or along the rows (row
+/// stride 0) give what their contiguous copies give: no panic, no wrong index.
+#[test]
+fn broadcast_logits_match_their_copies() -> Result<()> {
+    let dev = Device::Cpu;
+    let n = 300; // past one tile of rows
+    let labels = random_labels(&mut rng(11), n, [4, 3], 0.2);
+    let labels = label_tensor(&labels, DType::I64, &dev)?;
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        let column = Var::from_tensor(&random_tensor(&mut rng(12), &[n, 1], DType::F32, &dev)?)?;
+        let row = Var::from_tensor(&random_tensor(&mut rng(13), &[1, 3], DType::F32, &dev)?)?;
+        let row_a = Var::from_tensor(&random_tensor(&mut rng(14), &[1, 4], DType::F32, &dev)?)?;
+        let cases: [(&str, [usize; 2]); 2] =
+            [("classes broadcast", [0, 1]), ("rows broadcast", [2, 1])];
+        for (what, [a, b]) in cases {
+            let sources = [column.clone(), row.clone(), row_a.clone()];
+            assert_broadcast_views_match_copies(
+                what,
+                &[sources[a].clone(), sources[b].clone()],
+                |v| {
+                    Ok(vec![
+                        v[0].to_dtype(dtype)?.broadcast_as((n, 4))?,
+                        v[1].to_dtype(dtype)?.broadcast_as((n, 3))?,
+                    ])
+                },
+                |t| dual_head_cross_entropy(&t[0], &t[1], &labels),
+                dtype,
+            )?;
         }
     }
     Ok(())

@@ -1,15 +1,13 @@
 //! The TweetEval loader: the real data loads with the README's counts, and every
 //! kind of malformed file gives an error naming the file (and the line).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sentence_mtl::data::{DataError, Split, TaskData};
 
-fn shared_dir() -> PathBuf {
-    std::env::var_os("SENTENCE_MTL_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-}
+#[path = "common/shared.rs"]
+mod shared;
+use shared::shared_dir;
 
 /// A task folder in a fresh temp dir, with the given files.
 fn fixture(name: &str, files: &[(&str, &str)]) -> PathBuf {

@@ -27,18 +27,22 @@ const MASK_DTYPES: [DType; 10] = [
     DType::F64,
 ];
 
-/// A random 0/1 mask `[B,T]` (as f64) with about `keep` of the tokens real; row
-/// `empty_row` (if any) is all padding.
-fn random_mask(
-    rng: &mut StdRng,
-    b: usize,
-    t: usize,
-    keep: f64,
-    empty_row: Option<usize>,
-) -> Vec<f64> {
+/// Rows of a mask that are not drawn at random.
+#[derive(Debug, Clone, Copy, Default)]
+struct SpecialRows {
+    /// All padding.
+    empty: Option<usize>,
+    /// All real tokens.
+    full: Option<usize>,
+}
+
+/// A random 0/1 mask `[B,T]` (as f64) with about `keep` of the tokens real,
+/// except the `special` rows.
+fn random_mask(rng: &mut StdRng, b: usize, t: usize, keep: f64, special: SpecialRows) -> Vec<f64> {
     (0..b * t)
         .map(|i| {
-            let real = Some(i / t) != empty_row && rng.random_bool(keep);
+            let row = Some(i / t);
+            let real = row != special.empty && (row == special.full || rng.random_bool(keep));
             f64::from(u8::from(real))
         })
         .collect()
@@ -100,11 +104,11 @@ fn check_against_reference(
     mask_dtype: DType,
     mask_layout: Strided,
     strided_grad: bool,
-    empty_row: Option<usize>,
+    special: SpecialRows,
 ) -> Result<()> {
     let mut rng = rng(seed);
     let hidden = random_tensor(&mut rng, &[b, t, h], dtype, &Device::Cpu)?;
-    let mask = random_mask(&mut rng, b, t, 0.7, empty_row);
+    let mask = random_mask(&mut rng, b, t, 0.7, special);
     let weight = random_tensor(&mut rng, &[b, h], dtype, &Device::Cpu)?;
     let what = format!("[{b},{t},{h}] {dtype:?} {layout:?}, mask {mask_dtype:?} {mask_layout:?}");
 
@@ -144,7 +148,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Random shapes (mostly small, H not a multiple of 32), every dtype, layout
-    /// of hidden and mask, and mask dtype; sometimes a row with no real token.
+    /// of hidden and mask, and mask dtype; sometimes a row with no real token,
+    /// sometimes a row of real tokens only.
     #[test]
     fn matches_reference(
         seed in any::<u64>(),
@@ -157,10 +162,13 @@ proptest! {
         mask_layout in prop::sample::select(common::STRIDED_KINDS.to_vec()),
         strided_grad in any::<bool>(),
         empty_row in prop::option::weighted(0.3, 0usize..4),
+        full_row in prop::option::weighted(0.3, 0usize..4),
     ) {
-        let empty_row = empty_row.filter(|&row| row < b);
+        let empty = empty_row.filter(|&row| row < b);
+        let full = full_row.filter(|&row| row < b && Some(row) != empty);
         check_against_reference(
-            seed, (b, t, h), dtype, layout, mask_dtype, mask_layout, strided_grad, empty_row,
+            seed, (b, t, h), dtype, layout, mask_dtype, mask_layout, strided_grad,
+            SpecialRows { empty, full },
         ).unwrap();
     }
 }
@@ -183,7 +191,10 @@ fn matches_reference_on_large_inputs() -> Result<()> {
                 DType::I64,
                 Strided::Contiguous,
                 false,
-                Some(1),
+                SpecialRows {
+                    empty: Some(1),
+                    full: Some(0),
+                },
             )?;
         }
     }
@@ -242,6 +253,34 @@ fn one_token_is_the_token_itself() -> Result<()> {
 }
 
 /// Any non-zero mask value marks a real token with weight 1, whatever its dtype.
+/// Hidden states and masks broadcast (stride 0) along the batch, the tokens or
+/// the hidden size give what their contiguous copies give, forward and backward.
+#[test]
+fn broadcast_inputs_match_their_copies() -> Result<()> {
+    let (b, t, h) = (3, 6, 37);
+    let cpu = &Device::Cpu;
+    let mask = Tensor::new(&[[1u32, 1, 0, 1, 0, 0]], cpu)?.broadcast_as((b, t))?;
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        for source_dims in [[1, t, h], [b, 1, h], [b, t, 1]] {
+            let source =
+                Var::from_tensor(&random_tensor(&mut rng(3), &source_dims, DType::F32, cpu)?)?;
+            common::assert_broadcast_views_match_copies(
+                &format!("masked_mean_pool from {source_dims:?}"),
+                &[source],
+                |v| {
+                    Ok(vec![v[0]
+                        .as_tensor()
+                        .to_dtype(dtype)?
+                        .broadcast_as((b, t, h))?])
+                },
+                |x| masked_mean_pool(&x[0], &mask),
+                dtype,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn non_zero_mask_values_count_as_one_in_every_mask_dtype() -> Result<()> {
     let (b, t, h) = (2, 4, 19);
@@ -295,7 +334,21 @@ fn agrees_with_composed_candle_ops() -> Result<()> {
         DType::F32,
         &Device::Cpu,
     )?)?;
-    let mask = mask_tensor(&random_mask(&mut rng, b, t, 0.6, Some(2)), b, t, DType::I64)?;
+    let mask = mask_tensor(
+        &random_mask(
+            &mut rng,
+            b,
+            t,
+            0.6,
+            SpecialRows {
+                empty: Some(2),
+                full: Some(0),
+            },
+        ),
+        b,
+        t,
+        DType::I64,
+    )?;
     let weight = random_tensor(&mut rng, &[b, h], DType::F32, &Device::Cpu)?;
 
     let fused = masked_mean_pool(hidden.as_tensor(), &mask)?;
@@ -329,7 +382,21 @@ fn gradient_matches_finite_differences() -> Result<()> {
         &Device::Cpu,
     )?);
     let w = random_tensor(&mut rng, &[b, h], DType::F64, &Device::Cpu)?;
-    let mask = mask_tensor(&random_mask(&mut rng, b, t, 0.6, Some(1)), b, t, DType::U8)?;
+    let mask = mask_tensor(
+        &random_mask(
+            &mut rng,
+            b,
+            t,
+            0.6,
+            SpecialRows {
+                empty: Some(1),
+                full: None,
+            },
+        ),
+        b,
+        t,
+        DType::U8,
+    )?;
     let loss = |x: &[f64]| -> Result<f64> {
         let hidden = Tensor::from_vec(x.to_vec(), (b, t, h), &Device::Cpu)?;
         masked_mean_pool(&hidden, &mask)?
@@ -370,7 +437,7 @@ fn backward_reaches_an_upstream_var() -> Result<()> {
         &Device::Cpu,
     )?)?;
     let scale = random_tensor(&mut rng, &[b, t, h], DType::F32, &Device::Cpu)?;
-    let mask_values = random_mask(&mut rng, b, t, 0.5, None);
+    let mask_values = random_mask(&mut rng, b, t, 0.5, SpecialRows::default());
     let mask = mask_tensor(&mask_values, b, t, DType::F32)?;
 
     let pooled = masked_mean_pool(&var.as_tensor().mul(&scale)?, &mask)?;
@@ -394,7 +461,16 @@ fn backward_fn_matches_reference_and_differentiates_to_the_forward() -> Result<(
     let (b, t, h) = (3, 11, 50);
     let mut rng = rng(13);
     let grad = random_tensor(&mut rng, &[b, h], DType::F32, &Device::Cpu)?;
-    let mask_values = random_mask(&mut rng, b, t, 0.6, Some(0));
+    let mask_values = random_mask(
+        &mut rng,
+        b,
+        t,
+        0.6,
+        SpecialRows {
+            empty: Some(0),
+            full: Some(1),
+        },
+    );
     let mask = mask_tensor(&mask_values, b, t, DType::I64)?;
     let want = reference::masked_mean_pool_backward(&values(&grad), &mask_values, b, t, h);
     for layout in common::STRIDED_KINDS {

@@ -65,7 +65,7 @@ use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
 use super::buffer::output_buffer;
-use super::dtype::{unsupported_dtype, Accum, FloatElem};
+use super::dtype::{check_float_dtype, Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
 use crate::with_float_dtype;
 
@@ -87,7 +87,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
         candle_core::bail!("{NORMALIZE}: x must have rank >= 1 [.., H], got a scalar");
     }
-    check_float(NORMALIZE, "x", x)?;
+    check_float_dtype(NORMALIZE, "x", x.dtype())?;
     if x.rank() == 2 {
         return for_kernels(x)?.apply_op1(L2Normalize);
     }
@@ -131,19 +131,12 @@ pub fn cosine_similarity_matrix(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 // ---- validation -----------------------------------------------------------------
 
-fn check_float(op: &str, what: &str, t: &Tensor) -> Result<()> {
-    match t.dtype() {
-        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(()),
-        other => Err(unsupported_dtype(op, what, other)),
-    }
-}
-
 /// The checks both cosine forms share: ranks, device, dtype and hidden size.
 fn check_pair(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     check_rank(op, "a", a, 2, "[N,H]")?;
     check_rank(op, "b", b, 2, "[N,H]")?;
     check_same_device(op, ("a", a), ("b", b))?;
-    check_float(op, "a", a)?;
+    check_float_dtype(op, "a", a.dtype())?;
     check_same_dtype(op, ("a", a), ("b", b))?;
     if a.dim(1)? != b.dim(1)? {
         candle_core::bail!(

@@ -36,7 +36,7 @@ use num_traits::Zero;
 use rayon::prelude::*;
 
 use super::buffer::output_buffer;
-use super::dtype::{Accum, FloatElem};
+use super::dtype::{check_float_dtype, Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
 use super::math::{exp_f32, ln_f32};
 use crate::with_float_dtype;
@@ -92,7 +92,7 @@ pub fn dual_head_cross_entropy(
     check_same_device(OP, ("logits_a", logits_a), ("logits_b", logits_b))?;
     check_same_device(OP, ("logits_a", logits_a), ("labels", labels))?;
     check_same_dtype(OP, ("logits_a", logits_a), ("logits_b", logits_b))?;
-    check_float_logits(logits_a.dtype())?;
+    check_float_dtype(OP, "logits", logits_a.dtype())?;
     check_label_dtype(labels.dtype())?;
     let op = DualCrossEntropy {
         keep_grads: logits_a.track_op() || logits_b.track_op(),
@@ -167,13 +167,6 @@ impl Dims {
         let b = View::<2>::new(OP, "logits_b", lb)?;
         let labels = View::<2>::new(OP, "labels", ll)?;
         Ok((Self::of(&a.dims, &b.dims, &labels.dims)?, [a, b], labels))
-    }
-}
-
-fn check_float_logits(dtype: DType) -> Result<()> {
-    match dtype {
-        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(()),
-        other => Err(super::dtype::unsupported_dtype(OP, "logits", other)),
     }
 }
 
@@ -381,17 +374,14 @@ impl CustomOp3 for DualCrossEntropy {
         let Some(&labelled_rows) = self.labelled_rows.get() else {
             candle_core::bail!("{OP}: backward called before the forward pass ran");
         };
-        if let Some(grads) = self.cpu_grads.get() {
-            // scales[h] = g[h] / n_h (0 for a head without labelled rows)
-            let inv_rows = labelled_rows.map(|n| if n == 0 { 0.0 } else { 1.0 / n as f64 });
-            let inv_rows = Tensor::new(&inv_rows, grads.device())?.to_dtype(grads.dtype())?;
-            let scales = (grad_losses.to_dtype(grads.dtype())? * inv_rows)?;
-            let (grad_a, grad_b) = split_grads(grads, logits_a.dims(), logits_b.dims())?;
-            let scaled = |g: Tensor, h: usize| -> Result<Tensor> {
-                g.broadcast_mul(&scales.narrow(0, h, 1)?)?
-                    .to_dtype(logits_a.dtype())
-            };
-            return Ok((Some(scaled(grad_a, 0)?), Some(scaled(grad_b, 1)?), None));
+        if let Some(unscaled) = self.cpu_grads.get() {
+            let g = grad_losses.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let scales = head_scales([g[0], g[1]], labelled_rows);
+            let grads = with_float_dtype!(OP, "logits", logits_a.dtype(), T => {
+                scale_kept_grads::<T>(unscaled, scales, logits_a.dim(0)? * logits_a.dim(1)?)
+            })?;
+            let (grad_a, grad_b) = split_grads(&grads, logits_a.dims(), logits_b.dims())?;
+            return Ok((Some(grad_a), Some(grad_b), None));
         }
         let backward = DualCrossEntropyBackward {
             labelled_rows,
@@ -401,6 +391,39 @@ impl CustomOp3 for DualCrossEntropy {
         let (grad_a, grad_b) = split_grads(&grads, logits_a.dims(), logits_b.dims())?;
         Ok((Some(grad_a), Some(grad_b), None))
     }
+}
+
+/// The backward of a CPU forward that kept `softmax − onehot` (`unscaled`, in
+/// the accumulator dtype): one pass that scales head A's `len_a` values by
+/// `scales[0]` and head B's by `scales[1]`, rounding once to `T`.
+fn scale_kept_grads<T: FloatElem>(
+    unscaled: &Tensor,
+    scales: [f64; 2],
+    len_a: usize,
+) -> Result<Tensor>
+where
+    T::Acc: WithDType,
+{
+    let (storage, layout) = unscaled.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{OP}: the kept gradient is not on the CPU");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{OP}: the kept gradient is not contiguous");
+    };
+    let unscaled = &cpu.as_slice::<T::Acc>()?[start..end];
+    let grads = scale_heads::<T>(unscaled, scales, len_a);
+    Tensor::from_vec(grads, end - start, &candle_core::Device::Cpu)
+}
+
+/// `unscaled[..len_a]·scales[0]` then `unscaled[len_a..]·scales[1]`, as `T`.
+fn scale_heads<T: FloatElem>(unscaled: &[T::Acc], scales: [f64; 2], len_a: usize) -> Vec<T> {
+    let scales = scales.map(T::Acc::of);
+    let (a, b) = unscaled.split_at(len_a);
+    let mut grads = Vec::with_capacity(unscaled.len());
+    grads.extend(a.iter().map(|&v| T::from_acc(v * scales[0])));
+    grads.extend(b.iter().map(|&v| T::from_acc(v * scales[1])));
+    grads
 }
 
 /// Splits the backward op's flat buffer into `[N,Ca]` and `[N,Cb]` views (no copy).
@@ -431,17 +454,12 @@ impl CustomOp3 for DualCrossEntropyBackward {
             with_label_dtype!(sl.dtype(), L => {
                 let logits = [Logits::<T>::new(sa, logits[0])?, Logits::<T>::new(sb, logits[1])?];
                 let labels = Labels::<L>::new(sl, labels)?;
-                let g = self.grad_losses.to_vec1::<T>()?;
-                let scales = head_scales([g[0].to_acc(), g[1].to_acc()], self.labelled_rows);
+                let g = self.grad_losses.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let scales = head_scales([g[0], g[1]], self.labelled_rows);
                 // The same pass the forward makes when it keeps the gradient,
                 // then the per-head scale.
                 let (_, _, unscaled) = forward_with_grads_cpu(dims, &logits, &labels)?;
-                let rows_a = dims.n * dims.classes[0];
-                let grads: Vec<T> = unscaled
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| T::from_acc(v * scales[usize::from(i >= rows_a)]))
-                    .collect();
+                let grads = scale_heads::<T>(&unscaled, scales, dims.n * dims.classes[0]);
                 Ok(T::to_cpu_storage_owned(grads))
             })
         })?;
@@ -592,7 +610,8 @@ impl<'a, T: FloatElem> Logits<'a, T> {
     }
 
     /// Appends row `i` minus its maximum to `out`. Unit-stride rows are read as
-    /// a plain slice.
+    /// a plain slice; other rows by index, since the class stride may be 0 (a
+    /// `broadcast_as` along the classes).
     #[inline(always)]
     fn push_shifted_row(&self, i: usize, out: &mut Vec<T::Acc>) {
         let start = self.view.at([i, 0]);
@@ -600,7 +619,8 @@ impl<'a, T: FloatElem> Logits<'a, T> {
         if stride == 1 || classes == 1 {
             push_shifted(self.data[start..start + classes].iter(), out);
         } else {
-            push_shifted(self.data[start..].iter().step_by(stride).take(classes), out);
+            let data = self.data;
+            push_shifted((0..classes).map(|c| &data[start + c * stride]), out);
         }
     }
 }

@@ -97,6 +97,12 @@ pub fn unsupported_dtype(op: &str, what: &str, dtype: DType) -> candle_core::Err
     ))
 }
 
+/// `Ok` for the float dtypes the ops take (f32, f16, bf16, f64), else the
+/// error [`with_float_dtype!`] gives, naming `op` and the input `what`.
+pub fn check_float_dtype(op: &str, what: &str, dtype: DType) -> candle_core::Result<()> {
+    with_float_dtype!(op, what, dtype, _T => Ok(()))
+}
+
 /// Runs `$body` with the type alias `$T` bound to the Rust type of a float `$dtype`
 /// (f32, f16, bf16, f64); any other dtype is an `Err` naming the op and the input.
 ///

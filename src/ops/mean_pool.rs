@@ -13,7 +13,7 @@ use num_traits::Zero;
 use rayon::prelude::*;
 
 use super::buffer::output_buffer;
-use super::dtype::{Accum, FloatElem};
+use super::dtype::{check_float_dtype, Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, View};
 use crate::with_float_dtype;
 
@@ -72,7 +72,7 @@ pub fn masked_mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
         );
     }
     check_same_device(OP, ("hidden", hidden), ("mask", mask))?;
-    check_float_dtype("hidden", hidden.dtype())?;
+    check_float_dtype(OP, "hidden", hidden.dtype())?;
     hidden.apply_op2(&token_flags(mask)?, MeanPool)
 }
 
@@ -104,13 +104,8 @@ pub fn masked_mean_pool_backward(grad_pooled: &Tensor, mask: &Tensor) -> Result<
         );
     }
     check_same_device(OP, ("grad_pooled", grad_pooled), ("mask", mask))?;
-    check_float_dtype("grad_pooled", grad_pooled.dtype())?;
+    check_float_dtype(OP, "grad_pooled", grad_pooled.dtype())?;
     grad_pooled.apply_op2(&token_flags(mask)?, MeanPoolBackward)
-}
-
-/// `Ok` for the float dtypes the ops take, else the shared dtype error naming `what`.
-fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
-    with_float_dtype!(OP, what, dtype, _T => Ok(()))
 }
 
 /// The mask as u8 flags, 1 where a token counts. A u8 mask already is one (the

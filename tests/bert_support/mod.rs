@@ -3,8 +3,6 @@
 //! reference outputs in `shared/reference/`.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
 use candle_core::Tensor;
 use sentence_mtl::model::{resolve_cached, ModelFiles, DEFAULT_MODEL};
 use serde::Deserialize;
@@ -20,21 +18,9 @@ pub fn model_files() -> ModelFiles {
     }
 }
 
-/// `$SENTENCE_MTL_SHARED`, else `shared/` beside the crate (CI's layout), else
-/// two levels up (a git worktree under `wt/` of the checkout).
-pub fn shared_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SENTENCE_MTL_SHARED") {
-        return PathBuf::from(dir);
-    }
-    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let beside = crate_dir.join("../shared");
-    let above = crate_dir.join("../../shared");
-    if !beside.is_dir() && above.is_dir() {
-        above
-    } else {
-        beside
-    }
-}
+#[path = "../common/shared.rs"]
+mod shared;
+pub use shared::shared_dir;
 
 #[derive(Debug, Deserialize)]
 pub struct Reference {

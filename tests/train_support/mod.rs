@@ -16,12 +16,10 @@ use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer;
 
-/// `$SENTENCE_MTL_SHARED`, else `../shared` beside the crate.
-pub fn shared_dir() -> PathBuf {
-    std::env::var_os("SENTENCE_MTL_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-}
+#[path = "../common/shared.rs"]
+mod shared;
+#[allow(unused_imports)] // only the test files that read shared/ use it
+pub use shared::shared_dir;
 
 /// A fresh, empty temp folder for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
