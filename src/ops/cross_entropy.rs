@@ -1257,3 +1257,71 @@ pub fn launch_empty_kernel(device: &candle_core::Device) -> Result<()> {
         _ => candle_core::bail!("{OP}: launch_empty_kernel needs a CUDA device"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::ops::reference::cross_entropy as reference;
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .expect("tensor to f64 vec")
+    }
+
+    /// The backward op's own CPU pass (the CPU forward keeps the gradient
+    /// whenever one may be wanted, so `bwd` normally only scales that) against
+    /// the f64 reference, with an ignored row in each head and a strided input.
+    #[test]
+    fn backward_op_on_the_cpu_matches_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 37;
+        let a = Tensor::randn(0f32, 1., (n, 4), &dev)?;
+        let b = Tensor::randn(0f32, 1., (3, n), &dev)?.t()?; // strided
+        let labels: Vec<i64> = (0..n as i64)
+            .flat_map(|i| {
+                let la = if i % 5 == 0 { IGNORE_INDEX } else { i % 4 };
+                let lb = if i % 7 == 3 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 2) % 3
+                };
+                [la, lb]
+            })
+            .collect();
+        let labelled_rows = [0, 1].map(|h| {
+            labels
+                .iter()
+                .skip(h)
+                .step_by(2)
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count()
+        });
+        let label_tensor = Tensor::from_vec(labels.clone(), (n, 2), &dev)?;
+        let g = [0.7, -1.3];
+        let backward = DualCrossEntropyBackward {
+            labelled_rows,
+            grad_losses: Tensor::new(&[g[0] as f32, g[1] as f32], &dev)?,
+        };
+        let grads = a.apply_op3(&b, &label_tensor, backward)?;
+        let (grad_a, grad_b) = split_grads(&grads, a.dims(), b.dims())?;
+        let (want_a, want_b) =
+            reference::dual_head_cross_entropy_backward(&values(&a), &values(&b), &labels, n, g);
+        for (what, got, want) in [
+            ("a", values(&grad_a), want_a),
+            ("b", values(&grad_b), want_b),
+        ] {
+            assert_eq!(got.len(), want.len());
+            for (i, (x, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (x - w).abs() <= 1e-6 + 1e-5 * w.abs(),
+                    "grad {what}[{i}]: {x} vs {w}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
