@@ -188,7 +188,7 @@ fn check_flags_dtype(dtype: DType) -> Result<()> {
 /// The mask's storage as u8 flags, 1 where the value is non-zero, element for
 /// element (so the mask's layout still indexes it). A u8 mask is borrowed; any
 /// other is converted here, in one pass over its `[B,T]` values, rather than by
-/// a candle comparison op before the call (about 30 µs of overhead on the CPU).
+/// a candle comparison op (a scalar tensor, a broadcast and a fresh tensor per call).
 fn cpu_flags(storage: &CpuStorage) -> Result<Cow<'_, [u8]>> {
     fn non_zero<T: WithDType>(values: &[T]) -> Cow<'static, [u8]> {
         // Also true for NaN, as `mask.ne(0)` is.
