@@ -334,7 +334,7 @@ fn broadcast_inputs_match_their_copies() -> Result<()> {
                 |t| l2_normalize(&t[0]),
                 dtype,
             )?;
-            for (pair, label) in [([0, 1], "both broadcast"), ([1, 2], "b broadcast")] {
+            for (pair, label) in [([0, 1], "both broadcast"), ([1, 2], "a broadcast")] {
                 let two = [sources[pair[0]].clone(), sources[pair[1]].clone()];
                 assert_broadcast_views_match_copies(
                     &format!("cosine_similarity {what}, {label}"),
