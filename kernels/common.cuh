@@ -7,6 +7,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// Dynamic shared memory (sized by the launch) as `T *name`; the host harness
+// defines its own form (kernels/host/cuda_host.h).
+#ifndef SMTL_DYNAMIC_SHARED
+#define SMTL_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 // ---- dtype traits ---------------------------------------------------------
 // acc_t: the type a kernel accumulates in (f32 for every type but double).
 template <typename T> struct Elem;
@@ -37,6 +43,13 @@ template <typename T> __device__ __forceinline__ typename Elem<T>::acc_t to_acc(
 }
 template <typename T> __device__ __forceinline__ T from_acc(typename Elem<T>::acc_t x) {
   return Elem<T>::from_acc(x);
+}
+
+// A quiet NaN of the accumulator type (no <cmath> NAN on the device).
+template <typename A> __device__ __forceinline__ A quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double quiet_nan<double>() {
+  return __longlong_as_double(0x7ff8000000000000LL);
 }
 
 // ---- reductions ------------------------------------------------------------

@@ -8,6 +8,11 @@
 // element by element; either way consecutive lanes read consecutive addresses.
 // Each kernel reads its inputs once from DRAM: the second pass over a row, which
 // writes the output, re-reads it from L1/L2 right after the first.
+//
+// Nothing is divided by a product of two norms: under --use_fast_math `x / y` is
+// __fdividef, which returns 0 once |y| > 2^126 (~8.5e37), a product that two f32
+// norms of ~1e19 reach. Each norm's reciprocal is taken on its own (a norm is at
+// most ~1.8e19 while its square sum is finite) and multiplied in.
 
 #include "common.cuh"
 
@@ -180,8 +185,10 @@ __device__ __forceinline__ void l2_normalize_bwd(const T *x, long long x_stride,
   xx = warp_sum(xx);
   const A norm = sqrt(xx);
   const A inv = A(1) / max(norm, A(NORM_EPS));
-  const A k = norm >= A(NORM_EPS) ? xg * inv * inv * inv : A(0);
-  map_pair(out, x, g, h, vec, [&](A u, A v) { return inv * v - k * u; });
+  // dx = (g - y<y,g>) / n with y = x/n: every factor stays a normal number for
+  // large norms (inv^3 alone would flush to 0 under fast math's -ftz).
+  const A proj = norm >= A(NORM_EPS) ? xg * inv : A(0);
+  map_pair(out, x, g, h, vec, [&](A u, A v) { return inv * (v - (u * inv) * proj); });
 }
 
 // cos = <a,b> / (max(||a||,eps) max(||b||,eps)) per row.
@@ -203,11 +210,13 @@ __device__ __forceinline__ void cosine_rows_fwd(const T *a, long long a_stride, 
   ab = warp_sum(ab);
   aa = warp_sum(aa);
   bb = warp_sum(bb);
-  if (lane_id() == 0) out[row] = from_acc<T>(ab / (clamped_norm(aa) * clamped_norm(bb)));
+  const A inv_a = A(1) / clamped_norm(aa), inv_b = A(1) / clamped_norm(bb);
+  if (lane_id() == 0) out[row] = from_acc<T>(ab * inv_a * inv_b);
 }
 
 // With da, db the clamped norms and c the cosine of row i:
-//   grad_a = g/(da db) b - [||a|| >= eps] g c/da^2 a, grad_b symmetrically;
+//   grad_a = g/(da db) b - [||a|| >= eps] g c/da^2 a, grad_b symmetrically
+// (computed with 1/da and 1/db, never 1/(da db));
 // out holds grad_a [n,h] then grad_b [n,h].
 template <typename T>
 __device__ __forceinline__ void cosine_rows_bwd(const T *a, long long a_stride, const T *b, long long b_stride,
@@ -231,14 +240,16 @@ __device__ __forceinline__ void cosine_rows_bwd(const T *a, long long a_stride, 
   bb = warp_sum(bb);
   const A g = to_acc(grad[row * grad_stride]);
   const A na = sqrt(aa), nb = sqrt(bb);
-  const A da = max(na, A(NORM_EPS)), db = max(nb, A(NORM_EPS));
-  const A cross = g / (da * db);
-  const A cos = ab / (da * db);
-  const A ka = na >= A(NORM_EPS) ? g * cos / (da * da) : A(0);
-  const A kb = nb >= A(NORM_EPS) ? g * cos / (db * db) : A(0);
+  const A inv_a = A(1) / max(na, A(NORM_EPS)), inv_b = A(1) / max(nb, A(NORM_EPS));
+  const A cos = ab * inv_a * inv_b;
+  // grad_a = g/da (b/db - c a/da): the normalised rows, never a product of two
+  // reciprocals (which flushes to 0 for large norms under fast math's -ftz).
+  const A ga_scale = g * inv_a, gb_scale = g * inv_b;
+  const A ca = na >= A(NORM_EPS) ? cos : A(0), cb = nb >= A(NORM_EPS) ? cos : A(0);
   map2(da_out, db_out, a, b, h, vec, [&](A u, A v, A &ga, A &gb) {
-    ga = cross * v - ka * u;
-    gb = cross * u - kb * v;
+    const A ua = u * inv_a, vb = v * inv_b;
+    ga = ga_scale * (vb - ca * ua);
+    gb = gb_scale * (ua - cb * vb);
   });
 }
 

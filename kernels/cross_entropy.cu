@@ -17,8 +17,10 @@
 //   dual_ce_bwd      one pass: both heads' gradients, scaled by g[h] / n_h
 //   dual_ce_empty    does nothing: the launch-overhead baseline of the benches
 //
-// Status record (4 x int64, read back by the host): first bad label's key
-// (2 * row + head, or NO_BAD_LABEL), its value, labelled rows of A, of B.
+// Status record (4 x int64, left on the device): first bad label's key
+// (2 * row + head, or NO_BAD_LABEL), its value, labelled rows of A, of B. The
+// backward reads the counts from it, so a training step never waits for it; the
+// host reads it only to report a bad label, whose losses are NaN meanwhile.
 // No atomics: partials go to global memory and a second launch reduces them.
 
 #include "common.cuh"
@@ -104,11 +106,13 @@ template <typename S> struct Totals {
     block_min_pair(bad_key, bad_value);
   }
 
-  // Means (0 for a head with no labelled row) and the status record.
+  // Means (0 for a head with no labelled row; NaN for both after a bad label,
+  // so that an unchecked result is never a plausible number) and the status.
   template <typename T> __device__ __forceinline__ void write(T *losses, long long *status) const {
+    typedef typename Elem<T>::acc_t A;
     for (int h = 0; h < 2; ++h) {
-      losses[h] = from_acc<T>(count[h] > 0 ? typename Elem<T>::acc_t(loss[h] / S(count[h]))
-                                           : typename Elem<T>::acc_t(0));
+      const A mean = count[h] > 0 ? A(loss[h] / S(count[h])) : A(0);
+      losses[h] = from_acc<T>(bad_key != NO_BAD_LABEL ? quiet_nan<A>() : mean);
     }
     status[0] = bad_key;
     status[1] = bad_value;
@@ -196,9 +200,10 @@ template <typename T, typename L>
 __device__ __forceinline__ void dual_ce_bwd(const Head<T> a, const Head<T> b, const L *labels,
                                             size_t label_row_stride, size_t label_col_stride,
                                             size_t n, long long ignore, const T *grad_losses,
-                                            long long labelled_a, long long labelled_b,
-                                            T *grads) {
+                                            const long long *status, T *grads) {
   typedef typename Elem<T>::acc_t A;
+  // The labelled-row counts from the forward's status record (still on the device).
+  const long long labelled_a = status[2], labelled_b = status[3];
   const A scale_a = labelled_a > 0 ? to_acc(grad_losses[0]) / A(labelled_a) : A(0);
   const A scale_b = labelled_b > 0 ? to_acc(grad_losses[1]) / A(labelled_b) : A(0);
   T *grads_b = grads + n * a.classes;
@@ -228,9 +233,9 @@ __device__ __forceinline__ void dual_ce_bwd(const Head<T> a, const Head<T> b, co
   extern "C" __global__ void dual_ce_bwd_##LSUFFIX##_##SUFFIX(                                    \
       HEAD_PARAMS(TYPE, a), HEAD_PARAMS(TYPE, b), const LTYPE *labels, size_t label_row_stride,               \
       size_t label_col_stride, size_t n, long long ignore, const TYPE *grad_losses,               \
-      long long labelled_a, long long labelled_b, TYPE *grads) {                                  \
+      const long long *status, TYPE *grads) {                                                     \
     dual_ce_bwd<TYPE, LTYPE>(HEAD_ARG(TYPE, a), HEAD_ARG(TYPE, b), labels, label_row_stride, label_col_stride,   \
-                          n, ignore, grad_losses, labelled_a, labelled_b, grads);                 \
+                          n, ignore, grad_losses, status, grads);                                 \
   }
 
 #define DUAL_CE_KERNELS(TYPE, SUFFIX)                                                             \

@@ -3,7 +3,9 @@
 //   forward:  out[b,h] = sum_t flag[b,t] * x[b,t,h] / max(count_b, 1e-9)
 //   backward: dx[b,t,h] = flag[b,t] * dout[b,h] / max(count_b, 1e-9)
 //
-// flag is a u8 (non-zero = real token); count_b the number of real tokens of row b.
+// flag[b,t] is 1 where mask[b,t] != 0, read from the mask in its own dtype (any
+// integer or float dtype of 1, 2, 4 or 8 bytes: see Mask); count_b is the number
+// of real tokens of row b.
 //
 // Both directions are bandwidth-bound: one pass over B*T*H elements. The grid is
 // (B, H chunks); a block of 8 warps owns one row b and one chunk of 32*VEC
@@ -42,13 +44,39 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const T *__restrict__ p) {
   return *reinterpret_cast<const Pack<T, VEC> *>(p);
 }
 
-// Stages flags t0 .. t0+tile-1 of row b in `flags` (1 = real token) and returns
+// A mask row in its own dtype: `width` bytes per element, strides in elements.
+// An element is set when any bit of `magnitude` is: all bits for integers, all
+// but the sign bit for floats (so -0.0 is unset and NaN is set, as `mask != 0`).
+struct MaskRow {
+  const uint8_t *row;
+  long long stride;
+  int width;
+  unsigned long long magnitude;
+
+  __device__ __forceinline__ bool at(long long t) const {
+    const uint8_t *p = row + t * stride * width;
+    unsigned long long bits;
+    switch (width) {
+      case 1: bits = *p; break;
+      case 2: bits = *reinterpret_cast<const uint16_t *>(p); break;
+      case 4: bits = *reinterpret_cast<const uint32_t *>(p); break;
+      default: bits = *reinterpret_cast<const unsigned long long *>(p); break;
+    }
+    return (bits & magnitude) != 0;
+  }
+};
+
+__device__ __forceinline__ MaskRow mask_row(const uint8_t *mask, long long msb, long long mst, int width,
+                                            unsigned long long magnitude) {
+  return MaskRow{mask + (long long)blockIdx.x * msb * width, mst, width, magnitude};
+}
+
+// Stages flags t0 .. t0+tile-1 of the row in `flags` (1 = real token) and returns
 // how many of them this thread saw set. Callers sync before and after.
-__device__ __forceinline__ int stage_flags(uint8_t *flags, const uint8_t *__restrict__ mask_row,
-                                           long long mask_stride_t, int t0, int tile) {
+__device__ __forceinline__ int stage_flags(uint8_t *flags, const MaskRow &mask, int t0, int tile) {
   int seen = 0;
   for (int i = threadIdx.x; i < tile; i += BLOCK) {
-    const uint8_t on = mask_row[(long long)(t0 + i) * mask_stride_t] != 0;
+    const uint8_t on = mask.at(t0 + i);
     flags[i] = on;
     seen += on;
   }
@@ -57,8 +85,7 @@ __device__ __forceinline__ int stage_flags(uint8_t *flags, const uint8_t *__rest
 
 template <typename T, int VEC>
 __device__ __forceinline__ void pool_forward(const T *__restrict__ x, long long xsb, long long xst,
-                                             long long xsh, const uint8_t *__restrict__ mask,
-                                             long long msb, long long mst, T *__restrict__ out,
+                                             long long xsh, const MaskRow mask, T *__restrict__ out,
                                              int n_tokens, int hidden) {
   using A = typename Elem<T>::acc_t;
   __shared__ uint8_t flags[MASK_TILE];
@@ -79,7 +106,7 @@ __device__ __forceinline__ void pool_forward(const T *__restrict__ x, long long 
   for (int t0 = 0; t0 < n_tokens; t0 += MASK_TILE) {
     const int tile = min(MASK_TILE, n_tokens - t0);
     __syncthreads();  // the previous tile's flags are consumed
-    count += stage_flags(flags, mask + b * msb, mst, t0, tile);
+    count += stage_flags(flags, mask, t0, tile);
     __syncthreads();
     for (int i = warp; i < tile; i += WARPS * UNROLL) {
       Pack<T, VEC> p[UNROLL];
@@ -130,8 +157,7 @@ __device__ __forceinline__ void pool_forward(const T *__restrict__ x, long long 
 
 template <typename T, int VEC>
 __device__ __forceinline__ void pool_backward(const T *__restrict__ grad, long long gsb,
-                                              long long gsh, const uint8_t *__restrict__ mask,
-                                              long long msb, long long mst,
+                                              long long gsh, const MaskRow mask,
                                               T *__restrict__ grad_x, int n_tokens, int hidden) {
   using A = typename Elem<T>::acc_t;
   __shared__ uint8_t flags[MASK_TILE];
@@ -141,12 +167,11 @@ __device__ __forceinline__ void pool_backward(const T *__restrict__ grad, long l
   const long long b = blockIdx.x;
   const int col = (blockIdx.y * 32 + lane) * VEC;
   const bool active = col < hidden;
-  const uint8_t *mask_row = mask + b * msb;
 
   // The count must be known before the first write: one pass over the mask row
   // (B*T bytes per H chunk: noise next to the B*T*H written).
   int seen = 0;
-  for (int i = threadIdx.x; i < n_tokens; i += BLOCK) seen += mask_row[(long long)i * mst] != 0;
+  for (int i = threadIdx.x; i < n_tokens; i += BLOCK) seen += mask.at(i);
   const int total = block_sum(seen, count_scratch);
   const A denom = max(A(total), A(MIN_COUNT));
 
@@ -163,7 +188,7 @@ __device__ __forceinline__ void pool_backward(const T *__restrict__ grad, long l
   for (int t0 = 0; t0 < n_tokens; t0 += MASK_TILE) {
     const int tile = min(MASK_TILE, n_tokens - t0);
     __syncthreads();
-    stage_flags(flags, mask_row, mst, t0, tile);
+    stage_flags(flags, mask, t0, tile);
     __syncthreads();
     if (!active) continue;
 #pragma unroll 4
@@ -184,26 +209,30 @@ __device__ __forceinline__ void pool_backward(const T *__restrict__ grad, long l
 // Elements per 16-byte access for the `_vec` kernels.
 #define VEC_OF(T) (16 / (int)sizeof(T))
 
-#define MEAN_POOL_KERNELS(T, S)                                                              \
-  extern "C" __global__ void __launch_bounds__(BLOCK) mean_pool_fwd_##S(                     \
-      const T *x, long long xsb, long long xst, long long xsh, const uint8_t *mask,          \
-      long long msb, long long mst, T *out, int n_tokens, int hidden) {                      \
-    pool_forward<T, 1>(x, xsb, xst, xsh, mask, msb, mst, out, n_tokens, hidden);            \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(BLOCK) mean_pool_fwd_vec_##S(                 \
-      const T *x, long long xsb, long long xst, long long xsh, const uint8_t *mask,          \
-      long long msb, long long mst, T *out, int n_tokens, int hidden) {                      \
-    pool_forward<T, VEC_OF(T)>(x, xsb, xst, xsh, mask, msb, mst, out, n_tokens, hidden);    \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(BLOCK) mean_pool_bwd_##S(                     \
-      const T *grad, long long gsb, long long gsh, const uint8_t *mask, long long msb,       \
-      long long mst, T *grad_x, int n_tokens, int hidden) {                                  \
-    pool_backward<T, 1>(grad, gsb, gsh, mask, msb, mst, grad_x, n_tokens, hidden);          \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(BLOCK) mean_pool_bwd_vec_##S(                 \
-      const T *grad, long long gsb, long long gsh, const uint8_t *mask, long long msb,       \
-      long long mst, T *grad_x, int n_tokens, int hidden) {                                  \
-    pool_backward<T, VEC_OF(T)>(grad, gsb, gsh, mask, msb, mst, grad_x, n_tokens, hidden);  \
+#define MASK_PARAMS \
+  const uint8_t *mask, long long msb, long long mst, int mask_width, unsigned long long mask_magnitude
+#define MASK_ROW mask_row(mask, msb, mst, mask_width, mask_magnitude)
+
+#define MEAN_POOL_KERNELS(T, S)                                                                    \
+  extern "C" __global__ void __launch_bounds__(BLOCK) mean_pool_fwd_##S(                           \
+      const T *x, long long xsb, long long xst, long long xsh, MASK_PARAMS, T *out, int n_tokens,  \
+      int hidden) {                                                                                \
+    pool_forward<T, 1>(x, xsb, xst, xsh, MASK_ROW, out, n_tokens, hidden);                         \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(BLOCK) mean_pool_fwd_vec_##S(                       \
+      const T *x, long long xsb, long long xst, long long xsh, MASK_PARAMS, T *out, int n_tokens,  \
+      int hidden) {                                                                                \
+    pool_forward<T, VEC_OF(T)>(x, xsb, xst, xsh, MASK_ROW, out, n_tokens, hidden);                 \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(BLOCK) mean_pool_bwd_##S(                           \
+      const T *grad, long long gsb, long long gsh, MASK_PARAMS, T *grad_x, int n_tokens,           \
+      int hidden) {                                                                                \
+    pool_backward<T, 1>(grad, gsb, gsh, MASK_ROW, grad_x, n_tokens, hidden);                       \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(BLOCK) mean_pool_bwd_vec_##S(                       \
+      const T *grad, long long gsb, long long gsh, MASK_PARAMS, T *grad_x, int n_tokens,           \
+      int hidden) {                                                                                \
+    pool_backward<T, VEC_OF(T)>(grad, gsb, gsh, MASK_ROW, grad_x, n_tokens, hidden);               \
   }
 
 FOR_EACH_FLOAT(MEAN_POOL_KERNELS)

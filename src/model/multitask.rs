@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use super::bert::BertEncoder;
 use super::{load_trainable, ModelFiles};
 use crate::data::Head;
-use crate::ops::{dual_head_cross_entropy, masked_mean_pool};
+use crate::ops::cross_entropy::{dual_head_cross_entropy_deferred, LabelCheck};
+use crate::ops::masked_mean_pool;
 
 /// What to freeze during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,10 +371,25 @@ impl MultiTaskModel {
     /// (i64, [`IGNORE_INDEX`](crate::ops::IGNORE_INDEX) where a row is not
     /// labelled for a head), weighted into a total.
     pub fn loss(logits: &Logits, labels: &Tensor, weights: [f64; 2]) -> Result<Losses> {
-        let per_head = dual_head_cross_entropy(&logits.a, &logits.b, labels)?;
+        let (losses, labels_checked) = Self::loss_deferred(logits, labels, weights)?;
+        labels_checked.verify()?;
+        Ok(losses)
+    }
+
+    /// [`Self::loss`] without waiting on a GPU for the label check: verify the
+    /// returned [`LabelCheck`] once the step reads its losses back anyway (until
+    /// then a bad label shows only as NaN losses), so that a training step
+    /// synchronises once.
+    pub fn loss_deferred(
+        logits: &Logits,
+        labels: &Tensor,
+        weights: [f64; 2],
+    ) -> Result<(Losses, LabelCheck)> {
+        let (per_head, labels_checked) =
+            dual_head_cross_entropy_deferred(&logits.a, &logits.b, labels)?;
         let weights = Tensor::new(&weights, per_head.device())?.to_dtype(per_head.dtype())?;
         let total = per_head.mul(&weights)?.sum_all()?;
-        Ok(Losses { per_head, total })
+        Ok((Losses { per_head, total }, labels_checked))
     }
 
     /// Every parameter, sorted by name.

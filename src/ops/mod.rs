@@ -35,6 +35,10 @@ pub mod softmax;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "host-kernels")]
+pub mod host;
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+pub mod launch;
 
 pub use attention::attention;
 pub use bias::{add_bias, sum_rows};

@@ -757,8 +757,12 @@ fn step_on(
         true,
         config.freeze,
     )?;
-    let losses = MultiTaskModel::loss(&logits, &batch.labels, config.loss_weights)?;
+    let (losses, labels_checked) =
+        MultiTaskModel::loss_deferred(&logits, &batch.labels, config.loss_weights)?;
+    // The step's one synchronisation: the losses, then the label check (on a
+    // GPU, a bad label has made them NaN until now).
     let per_head: Vec<f32> = losses.per_head.to_dtype(DType::F32)?.to_vec1()?;
+    labels_checked.verify()?;
     let total = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     anyhow::ensure!(
         total.is_finite(),

@@ -181,6 +181,48 @@ pub fn assert_broadcast_views_match_copies(
     Ok(())
 }
 
+/// Where a kernel test runs the ops' CUDA kernels: on a CUDA device, or on the
+/// CPU under the host harness (`ops::host::run`: the same kernels/*.cu, executed
+/// on the host with CUDA semantics, through the same launch plans).
+#[derive(Clone, Debug)]
+pub enum KernelTarget {
+    Cuda(Device),
+    Host,
+}
+
+impl KernelTarget {
+    /// The device tensors for this target live on.
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Cuda(device) => device.clone(),
+            Self::Host => Device::Cpu,
+        }
+    }
+
+    /// Runs `f` on this target's device; on the host, with the fused ops taking
+    /// their kernel path.
+    pub fn run<R>(&self, f: impl FnOnce(&Device) -> R) -> R {
+        match self {
+            Self::Cuda(device) => f(device),
+            Self::Host => host_kernels(|| f(&Device::Cpu)),
+        }
+    }
+
+    pub fn is_host(&self) -> bool {
+        matches!(self, Self::Host)
+    }
+}
+
+#[cfg(feature = "host-kernels")]
+fn host_kernels<R>(f: impl FnOnce() -> R) -> R {
+    sentence_mtl::ops::host::run(f)
+}
+
+#[cfg(not(feature = "host-kernels"))]
+fn host_kernels<R>(_f: impl FnOnce() -> R) -> R {
+    panic!("the host kernel harness needs the `host-kernels` feature (on in every `cargo test`)")
+}
+
 /// The CUDA device, or `None` after printing why the GPU test is skipped.
 /// With `SENTENCE_MTL_REQUIRE_GPU=1` (set by `scripts/gpu/run.sh` on a GPU
 /// machine) a missing device fails the test instead of skipping it.
@@ -201,6 +243,7 @@ pub fn cuda_device(test: &str) -> Option<Device> {
 
 /// Fills and frees a large block of device memory with NaN, so that the next
 /// allocations (the op's outputs) start poisoned and an unwritten element shows.
+/// (The host harness poisons every allocation itself.)
 pub fn poison_device(device: &Device) -> Result<()> {
     if device.is_cuda() {
         let junk = Tensor::full(f32::NAN, 64 << 20, device)?;
@@ -208,4 +251,39 @@ pub fn poison_device(device: &Device) -> Result<()> {
         drop(junk);
     }
     Ok(())
+}
+
+/// `strided_view(t, kind)` on `device`, built without a copy on the device: the
+/// padded or transposed base is made on the CPU, moved, and only viewed there
+/// (candle's CUDA backend has no copy kernel for some dtypes, e.g. i32).
+pub fn strided_view_on(t: &Tensor, kind: Strided, device: &Device) -> Result<Tensor> {
+    let t = t.to_device(&Device::Cpu)?;
+    let rank = t.rank();
+    let last = rank - 1;
+    match kind {
+        Strided::Contiguous => t.to_device(device),
+        Strided::Offset => {
+            let pad = t.narrow(0, 0, 1)?.ones_like()?;
+            Tensor::cat(&[&pad, &t], 0)?
+                .to_device(device)?
+                .narrow(0, 1, t.dim(0)?)
+        }
+        Strided::PaddedRows => {
+            let mut pad_dims = t.dims().to_vec();
+            pad_dims[last] = 3;
+            let pad = Tensor::ones(pad_dims, t.dtype(), &Device::Cpu)?;
+            Tensor::cat(&[&t, &pad], last)?
+                .to_device(device)?
+                .narrow(last, 0, t.dim(last)?)
+        }
+        Strided::Transposed => {
+            if rank < 2 {
+                return strided_view_on(&t, Strided::Offset, device);
+            }
+            t.transpose(rank - 2, last)?
+                .contiguous()?
+                .to_device(device)?
+                .transpose(rank - 2, last)
+        }
+    }
 }

@@ -1,12 +1,21 @@
-//! GPU-vs-CPU tests of every CUDA op, in one binary so that
-//! `scripts/gpu/build-binaries.sh` has one file to carry to a GPU machine.
-//! Where no CUDA device can be opened each test prints that it was skipped and
-//! passes; `SENTENCE_MTL_REQUIRE_GPU=1` (set by `scripts/gpu/run.sh`) makes that a
-//! failure instead.
+//! The kernel tests (`tests/kernels/`) on a CUDA device: every op's kernels
+//! against the CPU path, in one binary so that `scripts/gpu/build-binaries.sh`
+//! has one file to carry to a GPU machine. Where no CUDA device can be opened
+//! each test prints that it was skipped and passes; `SENTENCE_MTL_REQUIRE_GPU=1`
+//! (set by `scripts/gpu/run.sh`) makes that a failure instead. The same tests
+//! run on the host harness in `tests/host_kernels` on every `cargo test`.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+#[path = "../kernels/cosine.rs"]
 mod cosine;
+#[path = "../kernels/cross_entropy.rs"]
 mod cross_entropy;
+#[path = "../kernels/mean_pool.rs"]
 mod mean_pool;
+
+/// The CUDA device, or `None` (the test is skipped) where none can be opened.
+fn kernel_target(test: &str) -> Option<common::KernelTarget> {
+    common::cuda_device(test).map(common::KernelTarget::Cuda)
+}

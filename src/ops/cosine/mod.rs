@@ -64,6 +64,9 @@ use candle_core::{
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+mod cuda;
+
 use super::buffer::output_buffer;
 use super::dtype::{check_float_dtype, Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
@@ -153,11 +156,21 @@ fn check_pair(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
 /// any layout as it is.
 fn for_kernels(t: &Tensor) -> Result<Tensor> {
     let unit_rows = t.stride().last() == Some(&1) || t.dims().last().is_some_and(|&h| h <= 1);
-    if t.device().is_cuda() && !unit_rows {
+    if kernel_path(t.device()) && !unit_rows {
         t.contiguous()
     } else {
         Ok(t.clone())
     }
+}
+
+/// True where the ops run the CUDA kernels: on CUDA, and on the CPU under the
+/// host harness (`ops::host::run`).
+fn kernel_path(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "host-kernels")]
+    if device.is_cpu() && super::host::enabled() {
+        return true;
+    }
+    device.is_cuda()
 }
 
 /// `[N,H]` views of two inputs with the same H (and, if `same_rows`, the same N).
@@ -197,6 +210,12 @@ impl CustomOp1 for L2Normalize {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let view = View::<2>::new(NORMALIZE, "x", l)?;
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            let out =
+                super::host::on_host([s], |exec, [x]| cuda::normalize(exec, NORMALIZE, x, view))?;
+            return Ok((out, Shape::from(view.dims.to_vec())));
+        }
         with_float_dtype!(NORMALIZE, "x", s.dtype(), T => {
             let x = Rows::new(s.as_slice::<T>()?, view);
             Ok((T::to_cpu_storage_owned(cpu::normalize(&x)), Shape::from(view.dims.to_vec())))
@@ -210,7 +229,10 @@ impl CustomOp1 for L2Normalize {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let view = View::<2>::new(NORMALIZE, "x", l)?;
-        with_float_dtype!(NORMALIZE, "x", s.dtype(), T => gpu::normalize::<T>(s, view))
+        check_float_dtype(NORMALIZE, "x", s.dtype())?;
+        let exec = super::cuda::CudaExecutor::new(s.device());
+        let out = cuda::normalize(&exec, NORMALIZE, s, view)?;
+        Ok((out, Shape::from(view.dims.to_vec())))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -232,6 +254,13 @@ impl CustomOp2 for L2NormalizeBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (xv, gv) = row_views(self.name(), l1, l2, true)?;
         check_dtypes(self.name(), &[s1.dtype(), s2.dtype()])?;
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            let out = super::host::on_host([s1, s2], |exec, [x, g]| {
+                cuda::normalize_backward(exec, self.name(), (x, xv), (g, gv))
+            })?;
+            return Ok((out, Shape::from(xv.dims.to_vec())));
+        }
         with_float_dtype!(self.name(), "x", s1.dtype(), T => {
             let x = Rows::new(s1.as_slice::<T>()?, xv);
             let g = Rows::new(s2.as_slice::<T>()?, gv);
@@ -249,7 +278,10 @@ impl CustomOp2 for L2NormalizeBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (xv, gv) = row_views(self.name(), l1, l2, true)?;
         check_dtypes(self.name(), &[s1.dtype(), s2.dtype()])?;
-        with_float_dtype!(self.name(), "x", s1.dtype(), T => gpu::normalize_backward::<T>(s1, xv, s2, gv))
+        check_float_dtype(self.name(), "x", s1.dtype())?;
+        let exec = super::cuda::CudaExecutor::new(s1.device());
+        let out = cuda::normalize_backward(&exec, self.name(), (s1, xv), (s2, gv))?;
+        Ok((out, Shape::from(xv.dims.to_vec())))
     }
 }
 
@@ -267,6 +299,13 @@ impl CustomOp2 for RowCosine {
     ) -> Result<(CpuStorage, Shape)> {
         let (av, bv) = row_views(ROW_COSINE, l1, l2, true)?;
         check_dtypes(ROW_COSINE, &[s1.dtype(), s2.dtype()])?;
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            let out = super::host::on_host([s1, s2], |exec, [a, b]| {
+                cuda::row_cosine(exec, ROW_COSINE, (a, av), (b, bv))
+            })?;
+            return Ok((out, Shape::from(av.dims[0])));
+        }
         with_float_dtype!(ROW_COSINE, "a", s1.dtype(), T => {
             let a = Rows::new(s1.as_slice::<T>()?, av);
             let b = Rows::new(s2.as_slice::<T>()?, bv);
@@ -284,7 +323,10 @@ impl CustomOp2 for RowCosine {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (av, bv) = row_views(ROW_COSINE, l1, l2, true)?;
         check_dtypes(ROW_COSINE, &[s1.dtype(), s2.dtype()])?;
-        with_float_dtype!(ROW_COSINE, "a", s1.dtype(), T => gpu::row_cosine::<T>(s1, av, s2, bv))
+        check_float_dtype(ROW_COSINE, "a", s1.dtype())?;
+        let exec = super::cuda::CudaExecutor::new(s1.device());
+        let out = cuda::row_cosine(&exec, ROW_COSINE, (s1, av), (s2, bv))?;
+        Ok((out, Shape::from(av.dims[0])))
     }
 
     fn bwd(
@@ -316,13 +358,21 @@ impl CustomOp3 for RowCosineBackward {
         let (av, bv) = row_views(self.name(), l1, l2, true)?;
         let gv = grad_view(self.name(), l3, av.dims[0])?;
         check_dtypes(self.name(), &[s1.dtype(), s2.dtype(), s3.dtype()])?;
+        let shape = Shape::from((2, av.dims[0], av.dims[1]));
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            let out = super::host::on_host([s1, s2, s3], |exec, [a, b, g]| {
+                cuda::row_cosine_backward(exec, self.name(), (a, av), (b, bv), (g, gv))
+            })?;
+            return Ok((out, shape));
+        }
         with_float_dtype!(self.name(), "a", s1.dtype(), T => {
             let a = Rows::new(s1.as_slice::<T>()?, av);
             let b = Rows::new(s2.as_slice::<T>()?, bv);
             let g = s3.as_slice::<T>()?;
             let grad = |i: usize| g[gv.at([i])];
             let out = cpu::row_cosine_backward(&a, &b, grad);
-            Ok((T::to_cpu_storage_owned(out), Shape::from((2, av.dims[0], av.dims[1]))))
+            Ok((T::to_cpu_storage_owned(out), shape))
         })
     }
 
@@ -339,9 +389,10 @@ impl CustomOp3 for RowCosineBackward {
         let (av, bv) = row_views(self.name(), l1, l2, true)?;
         let gv = grad_view(self.name(), l3, av.dims[0])?;
         check_dtypes(self.name(), &[s1.dtype(), s2.dtype(), s3.dtype()])?;
-        with_float_dtype!(self.name(), "a", s1.dtype(), T => {
-            gpu::row_cosine_backward::<T>(s1, av, s2, bv, s3, gv)
-        })
+        check_float_dtype(self.name(), "a", s1.dtype())?;
+        let exec = super::cuda::CudaExecutor::new(s1.device());
+        let out = cuda::row_cosine_backward(&exec, self.name(), (s1, av), (s2, bv), (s3, gv))?;
+        Ok((out, Shape::from((2, av.dims[0], av.dims[1]))))
     }
 }
 
@@ -631,202 +682,5 @@ mod cpu {
             }
         }
         out
-    }
-}
-
-// ---- CUDA ------------------------------------------------------------------------
-
-#[cfg(feature = "cuda")]
-mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-    use candle_core::{Result, Shape};
-
-    use super::View;
-    use crate::ops::cuda::{kernel_name, load, ptx};
-    use crate::ops::dtype::FloatElem;
-
-    /// Rows per 256-thread block: one warp per row (kernels/cosine.cu).
-    const ROWS_PER_BLOCK: u32 = 8;
-
-    /// An input as the kernels read it: the view from row 0 and the row stride.
-    struct DeviceRows<'a, T> {
-        data: CudaView<'a, T>,
-        stride: i64,
-    }
-
-    fn device_rows<'a, T: CudaDType + DeviceRepr>(
-        op: &str,
-        s: &'a CudaStorage,
-        view: &View<2>,
-    ) -> Result<DeviceRows<'a, T>> {
-        if !view.rows_contiguous() {
-            // for_kernels() copies such inputs first; reaching here is a bug.
-            candle_core::bail!(
-                "{op}: CUDA kernels need unit-stride rows, got strides {:?}",
-                view.strides
-            );
-        }
-        Ok(DeviceRows {
-            data: T::as_cuda_slice(s)?.slice(view.offset..),
-            stride: view.strides[0] as i64,
-        })
-    }
-
-    fn launch_config(rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK as usize) as u32, 1, 1),
-            block_dim: (32 * ROWS_PER_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    /// `(rows, h)` as the kernels' `int` arguments.
-    fn dims_i32(op: &str, view: &View<2>) -> Result<(i32, i32)> {
-        match (i32::try_from(view.dims[0]), i32::try_from(view.dims[1])) {
-            (Ok(n), Ok(h)) => Ok((n, h)),
-            _ => candle_core::bail!(
-                "{op}: shape {:?} is too large for the CUDA kernels",
-                view.dims
-            ),
-        }
-    }
-
-    fn device(s: &CudaStorage) -> &CudaDevice {
-        &s.device
-    }
-
-    pub(super) fn normalize<T: FloatElem + CudaDType + DeviceRepr>(
-        s: &CudaStorage,
-        view: View<2>,
-    ) -> Result<(CudaStorage, Shape)> {
-        let op = super::NORMALIZE;
-        let dev = device(s);
-        let (n, h) = dims_i32(op, &view)?;
-        let x = device_rows::<T>(op, s, &view)?;
-        // SAFETY: every element is written by the kernel (one warp per row).
-        let out = unsafe { dev.alloc::<T>(view.elem_count())? };
-        if n > 0 {
-            let func = load(
-                dev,
-                "cosine",
-                ptx::COSINE,
-                &kernel_name::<T>("l2_normalize_fwd"),
-            )?;
-            let mut args = func.builder();
-            args.arg(&x.data).arg(&x.stride).arg(&out).arg(&n).arg(&h);
-            // SAFETY: argument types and order match the kernel's signature.
-            unsafe { args.launch(launch_config(view.dims[0])) }.w()?;
-        }
-        Ok((
-            T::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(view.dims.to_vec()),
-        ))
-    }
-
-    pub(super) fn normalize_backward<T: FloatElem + CudaDType + DeviceRepr>(
-        xs: &CudaStorage,
-        xv: View<2>,
-        gs: &CudaStorage,
-        gv: View<2>,
-    ) -> Result<(CudaStorage, Shape)> {
-        let op = "l2_normalize_backward";
-        let dev = device(xs);
-        let (n, h) = dims_i32(op, &xv)?;
-        let (x, g) = (
-            device_rows::<T>(op, xs, &xv)?,
-            device_rows::<T>(op, gs, &gv)?,
-        );
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(xv.elem_count())? };
-        if n > 0 {
-            let func = load(
-                dev,
-                "cosine",
-                ptx::COSINE,
-                &kernel_name::<T>("l2_normalize_bwd"),
-            )?;
-            let mut args = func.builder();
-            args.arg(&x.data).arg(&x.stride).arg(&g.data).arg(&g.stride);
-            args.arg(&out).arg(&n).arg(&h);
-            // SAFETY: argument types and order match the kernel's signature.
-            unsafe { args.launch(launch_config(xv.dims[0])) }.w()?;
-        }
-        Ok((
-            T::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(xv.dims.to_vec()),
-        ))
-    }
-
-    pub(super) fn row_cosine<T: FloatElem + CudaDType + DeviceRepr>(
-        s1: &CudaStorage,
-        av: View<2>,
-        s2: &CudaStorage,
-        bv: View<2>,
-    ) -> Result<(CudaStorage, Shape)> {
-        let op = super::ROW_COSINE;
-        let dev = device(s1);
-        let (n, h) = dims_i32(op, &av)?;
-        let (a, b) = (
-            device_rows::<T>(op, s1, &av)?,
-            device_rows::<T>(op, s2, &bv)?,
-        );
-        // SAFETY: every element is written by the kernel (lane 0 of each row's warp).
-        let out = unsafe { dev.alloc::<T>(av.dims[0])? };
-        if n > 0 {
-            let func = load(
-                dev,
-                "cosine",
-                ptx::COSINE,
-                &kernel_name::<T>("cosine_rows_fwd"),
-            )?;
-            let mut args = func.builder();
-            args.arg(&a.data).arg(&a.stride).arg(&b.data).arg(&b.stride);
-            args.arg(&out).arg(&n).arg(&h);
-            // SAFETY: argument types and order match the kernel's signature.
-            unsafe { args.launch(launch_config(av.dims[0])) }.w()?;
-        }
-        Ok((
-            T::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(av.dims[0]),
-        ))
-    }
-
-    pub(super) fn row_cosine_backward<T: FloatElem + CudaDType + DeviceRepr>(
-        s1: &CudaStorage,
-        av: View<2>,
-        s2: &CudaStorage,
-        bv: View<2>,
-        s3: &CudaStorage,
-        gv: View<1>,
-    ) -> Result<(CudaStorage, Shape)> {
-        let op = "cosine_similarity_backward";
-        let dev = device(s1);
-        let (n, h) = dims_i32(op, &av)?;
-        let (a, b) = (
-            device_rows::<T>(op, s1, &av)?,
-            device_rows::<T>(op, s2, &bv)?,
-        );
-        let g = T::as_cuda_slice(s3)?.slice(gv.offset..);
-        let g_stride = gv.strides[0] as i64;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(2 * av.elem_count())? };
-        if n > 0 {
-            let func = load(
-                dev,
-                "cosine",
-                ptx::COSINE,
-                &kernel_name::<T>("cosine_rows_bwd"),
-            )?;
-            let mut args = func.builder();
-            args.arg(&a.data).arg(&a.stride).arg(&b.data).arg(&b.stride);
-            args.arg(&g).arg(&g_stride).arg(&out).arg(&n).arg(&h);
-            // SAFETY: argument types and order match the kernel's signature.
-            unsafe { args.launch(launch_config(av.dims[0])) }.w()?;
-        }
-        let shape = Shape::from((2, av.dims[0], av.dims[1]));
-        Ok((T::wrap_cuda_slice(out, dev.clone()), shape))
     }
 }

@@ -2,10 +2,13 @@
 //! tokens its attention mask marks as real, fused into one pass forward and one
 //! pass backward on the CPU and on CUDA (`kernels/mean_pool.cu`).
 //!
-//! [`masked_mean_pool`] validates its inputs, turns the mask into u8 token flags
-//! (`mask != 0`, a cheap B·T op) and applies the private `MeanPool` op; its
+//! [`masked_mean_pool`] validates its inputs and applies the private `MeanPool`
+//! op, which reads the mask in its own dtype (`mask != 0`) on every device; its
 //! backward applies `MeanPoolBackward`, whose backward is `MeanPool` again (the
 //! two are adjoint linear maps), so gradients of any order stay fused.
+//!
+//! The CPU path is here; `cuda.rs` holds the launch plans of
+//! `kernels/mean_pool.cu`, run by the CUDA device and by the host harness.
 
 use std::borrow::Cow;
 
@@ -13,6 +16,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::Zero;
 use rayon::prelude::*;
+
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+mod cuda;
 
 use super::buffer::output_buffer;
 use super::dtype::{check_float_dtype, Accum, FloatElem};
@@ -75,7 +81,8 @@ pub fn masked_mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     }
     check_same_device(OP, ("hidden", hidden), ("mask", mask))?;
     check_float_dtype(OP, "hidden", hidden.dtype())?;
-    hidden.apply_op2(&token_flags(mask)?, MeanPool)
+    check_mask_dtype(mask.dtype())?;
+    hidden.apply_op2(mask, MeanPool)
 }
 
 /// The backward pass of [`masked_mean_pool`] on its own: the gradient of `hidden`
@@ -107,15 +114,14 @@ pub fn masked_mean_pool_backward(grad_pooled: &Tensor, mask: &Tensor) -> Result<
     }
     check_same_device(OP, ("grad_pooled", grad_pooled), ("mask", mask))?;
     check_float_dtype(OP, "grad_pooled", grad_pooled.dtype())?;
-    grad_pooled.apply_op2(&token_flags(mask)?, MeanPoolBackward)
+    check_mask_dtype(mask.dtype())?;
+    grad_pooled.apply_op2(mask, MeanPoolBackward)
 }
 
-/// What the fused ops take as the mask: on the CPU the mask itself (the CPU
-/// path reads the common mask dtypes, [`cpu_flags`]); elsewhere, and for f8e4m3
-/// (candle 0.11's `to_f64` of it never returns), u8 flags, 1 where a token counts
-/// (the kernels read u8 and test `!= 0`; a u8 mask is passed as is).
-fn token_flags(mask: &Tensor) -> Result<Tensor> {
-    match mask.dtype() {
+/// `Err` unless the ops can read a mask of `dtype` (on every device: the CPU
+/// path and the kernels read it in its own dtype).
+fn check_mask_dtype(dtype: DType) -> Result<()> {
+    match dtype {
         DType::U8
         | DType::U32
         | DType::I16
@@ -125,23 +131,18 @@ fn token_flags(mask: &Tensor) -> Result<Tensor> {
         | DType::BF16
         | DType::F32
         | DType::F64
-        | DType::F8E4M3 => {}
+        | DType::F8E4M3 => Ok(()),
         other => candle_core::bail!(
             "{OP}: unsupported dtype {other:?} for mask \
              (expected u8, u32, i16, i32, i64, f8e4m3, f16, bf16, f32 or f64)"
         ),
     }
-    if mask.dtype() == DType::U8 || (mask.device().is_cpu() && mask.dtype() != DType::F8E4M3) {
-        Ok(mask.clone())
-    } else {
-        mask.ne(0f64)
-    }
 }
 
-/// Forward: (`hidden` `[B,T,H]`, u8 token flags `[B,T]`) -> pooled `[B,H]`.
+/// Forward: (`hidden` `[B,T,H]`, mask `[B,T]`) -> pooled `[B,H]`.
 struct MeanPool;
 
-/// Backward: (gradient of the pooled output `[B,H]`, u8 token flags `[B,T]`)
+/// Backward: (gradient of the pooled output `[B,H]`, mask `[B,T]`)
 /// -> gradient of `hidden` `[B,T,H]`.
 struct MeanPoolBackward;
 
@@ -173,18 +174,6 @@ fn backward_views(grad: &Layout, flags: &Layout) -> Result<(View<2>, View<2>)> {
     Ok((gv, fv))
 }
 
-/// The GPU kernels take the mask only as u8 flags; anything else is a bug upstream.
-#[cfg(feature = "cuda")]
-fn check_flags_dtype(dtype: DType) -> Result<()> {
-    if dtype != DType::U8 {
-        candle_core::bail!(
-            "{OP}: unsupported dtype {dtype:?} for mask in the fused op (expected u8 token flags; \
-             call masked_mean_pool, which converts the mask)"
-        );
-    }
-    Ok(())
-}
-
 /// The mask's storage as u8 flags, 1 where the value is non-zero, element for
 /// element (so the mask's layout still indexes it). A u8 mask is borrowed; any
 /// other is converted here, in one pass over its `[B,T]` values, rather than by
@@ -204,6 +193,14 @@ fn cpu_flags(storage: &CpuStorage) -> Result<Cow<'_, [u8]>> {
         CpuStorage::BF16(values) => non_zero(values),
         CpuStorage::F32(values) => non_zero(values),
         CpuStorage::F64(values) => non_zero(values),
+        // By bits: candle 0.11's `to_f64` of f8e4m3 never returns. Any magnitude
+        // bit set is non-zero (NaN too); the sign alone is -0.
+        CpuStorage::F8E4M3(values) => Cow::Owned(
+            values
+                .iter()
+                .map(|v| u8::from(v.to_bits() & 0x7f != 0))
+                .collect(),
+        ),
         other => candle_core::bail!("{OP}: unsupported dtype {:?} for mask", other.dtype()),
     })
 }
@@ -221,8 +218,15 @@ impl CustomOp2 for MeanPool {
         flags_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (hv, fv) = forward_views(hidden_layout, flags_layout)?;
-        let flags = cpu_flags(flags)?;
         let shape = Shape::from((hv.dims[0], hv.dims[2]));
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            let pooled = super::host::on_host([hidden, flags], |exec, [h, m]| {
+                cuda::forward(exec, h, hv, m, fv)
+            })?;
+            return Ok((pooled, shape));
+        }
+        let flags = cpu_flags(flags)?;
         with_float_dtype!(OP, "hidden", hidden.dtype(), T => {
             let pooled = forward_cpu::<T>(hidden.as_slice::<T>()?, hv, &flags, fv);
             Ok((T::to_cpu_storage_owned(pooled), shape))
@@ -238,11 +242,10 @@ impl CustomOp2 for MeanPool {
         flags_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (hv, fv) = forward_views(hidden_layout, flags_layout)?;
-        check_flags_dtype(flags.dtype())?;
+        check_float_dtype(OP, "hidden", hidden.dtype())?;
         let shape = Shape::from((hv.dims[0], hv.dims[2]));
-        with_float_dtype!(OP, "hidden", hidden.dtype(), T => {
-            Ok((gpu::forward::<T>(hidden, hv, flags, fv)?, shape))
-        })
+        let exec = super::cuda::CudaExecutor::new(hidden.device());
+        Ok((cuda::forward(&exec, hidden, hv, flags, fv)?, shape))
     }
 
     fn bwd(
@@ -270,8 +273,15 @@ impl CustomOp2 for MeanPoolBackward {
         flags_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (gv, fv) = backward_views(grad_layout, flags_layout)?;
-        let flags = cpu_flags(flags)?;
         let shape = Shape::from((gv.dims[0], fv.dims[1], gv.dims[1]));
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            let grad_hidden = super::host::on_host([grad, flags], |exec, [g, m]| {
+                cuda::backward(exec, g, gv, m, fv)
+            })?;
+            return Ok((grad_hidden, shape));
+        }
+        let flags = cpu_flags(flags)?;
         with_float_dtype!(OP, "gradient", grad.dtype(), T => {
             let grad_hidden = backward_cpu::<T>(grad.as_slice::<T>()?, gv, &flags, fv);
             Ok((T::to_cpu_storage_owned(grad_hidden), shape))
@@ -287,11 +297,10 @@ impl CustomOp2 for MeanPoolBackward {
         flags_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (gv, fv) = backward_views(grad_layout, flags_layout)?;
-        check_flags_dtype(flags.dtype())?;
+        check_float_dtype(OP, "gradient", grad.dtype())?;
         let shape = Shape::from((gv.dims[0], fv.dims[1], gv.dims[1]));
-        with_float_dtype!(OP, "gradient", grad.dtype(), T => {
-            Ok((gpu::backward::<T>(grad, gv, flags, fv)?, shape))
-        })
+        let exec = super::cuda::CudaExecutor::new(grad.device());
+        Ok((cuda::backward(&exec, grad, gv, flags, fv)?, shape))
     }
 
     /// The backward map `dout -> dhidden` is the transpose of the forward map, so
@@ -418,136 +427,6 @@ fn backward_cpu<T: FloatElem>(grad: &[T], gv: View<2>, flags: &[u8], fv: View<2>
         }
     });
     grad_hidden
-}
-
-/// Launches of `kernels/mean_pool.cu`.
-///
-/// Strides and offsets go to the kernels as arguments, so strided inputs are
-/// never copied. The kernels come in two forms per dtype: `_vec` moves 16 bytes
-/// per thread per token (float4, 8 halves, 2 doubles) and needs unit stride on H
-/// and H, the other strides and the offset all multiples of that width; the plain
-/// form takes any strides, one element per thread.
-#[cfg(feature = "cuda")]
-mod gpu {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-    use candle_core::Result;
-
-    use super::{View, OP};
-    use crate::ops::cuda::{kernel_name, load, ptx};
-    use crate::ops::dtype::FloatElem;
-
-    /// Threads per block (8 warps); must match `BLOCK` in the kernel file.
-    const BLOCK: u32 = 256;
-    /// Columns one warp covers per element of a thread's vector.
-    const WARP: usize = 32;
-    /// Bytes one thread moves per token on the vector path.
-    const VEC_BYTES: usize = 16;
-
-    /// Elements per thread on the vector path for `T`, or 1 when the strides,
-    /// offset or H rule vector loads out. Device allocations are 256-byte
-    /// aligned, so an element offset that is a multiple of the width is aligned.
-    fn vector_width<T>(h: usize, strides: &[usize], offset: usize) -> usize {
-        let width = VEC_BYTES / std::mem::size_of::<T>();
-        let (outer, h_stride) = strides.split_at(strides.len() - 1);
-        let unit_h = h_stride[0] == 1 || h == 1;
-        let aligned = |n: &usize| n.is_multiple_of(width);
-        if unit_h && aligned(&h) && aligned(&offset) && outer.iter().all(aligned) {
-            width
-        } else {
-            1
-        }
-    }
-
-    /// One block per (row b, chunk of `32·width` columns); B on grid x (no 65535 cap).
-    fn launch_config(b: usize, h: usize, width: usize) -> Result<LaunchConfig> {
-        let chunks = h.div_ceil(WARP * width);
-        if b > i32::MAX as usize || chunks > 65535 {
-            candle_core::bail!("{OP}: shape too large for the CUDA kernel (B = {b}, H = {h})");
-        }
-        Ok(LaunchConfig {
-            grid_dim: (b as u32, chunks as u32, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-
-    fn as_int(n: usize, what: &str) -> Result<i32> {
-        i32::try_from(n).map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "{OP}: {what} = {n} is too large for the CUDA kernel"
-            ))
-        })
-    }
-
-    pub fn forward<T: FloatElem + CudaDType + DeviceRepr>(
-        hidden: &CudaStorage,
-        hv: View<3>,
-        flags: &CudaStorage,
-        fv: View<2>,
-    ) -> Result<CudaStorage> {
-        let dev = hidden.device();
-        let [b, t, h] = hv.dims;
-        // SAFETY: every element is written by the kernel below (or there are none).
-        let pooled = unsafe { dev.alloc::<T>(b * h)? };
-        if b * h > 0 {
-            let width = vector_width::<T>(h, &hv.strides, hv.offset);
-            let base = if width > 1 {
-                "mean_pool_fwd_vec"
-            } else {
-                "mean_pool_fwd"
-            };
-            let func = load(dev, "mean_pool", ptx::MEAN_POOL, &kernel_name::<T>(base))?;
-            let x = T::as_cuda_slice(hidden)?.slice(hv.offset..);
-            let m = u8::as_cuda_slice(flags)?.slice(fv.offset..);
-            let [xsb, xst, xsh] = hv.strides.map(|s| s as i64);
-            let [msb, mst] = fv.strides.map(|s| s as i64);
-            let (t, h) = (as_int(t, "T")?, as_int(h, "H")?);
-            let mut builder = func.builder();
-            builder.arg(&x).arg(&xsb).arg(&xst).arg(&xsh);
-            builder.arg(&m).arg(&msb).arg(&mst);
-            builder.arg(&pooled).arg(&t).arg(&h);
-            // SAFETY: argument order and types match the kernel's signature.
-            unsafe { builder.launch(launch_config(b, h as usize, width)?) }.w()?;
-        }
-        Ok(T::wrap_cuda_slice(pooled, dev.clone()))
-    }
-
-    pub fn backward<T: FloatElem + CudaDType + DeviceRepr>(
-        grad: &CudaStorage,
-        gv: View<2>,
-        flags: &CudaStorage,
-        fv: View<2>,
-    ) -> Result<CudaStorage> {
-        let dev = grad.device();
-        let [b, h] = gv.dims;
-        let t = fv.dims[1];
-        // SAFETY: every element is written by the kernel below (or there are none).
-        let grad_hidden = unsafe { dev.alloc::<T>(b * t * h)? };
-        if b * t * h > 0 {
-            // The output is fresh and contiguous: only H decides the vector width.
-            let width = vector_width::<T>(h, &[h, 1], 0);
-            let base = if width > 1 {
-                "mean_pool_bwd_vec"
-            } else {
-                "mean_pool_bwd"
-            };
-            let func = load(dev, "mean_pool", ptx::MEAN_POOL, &kernel_name::<T>(base))?;
-            let g = T::as_cuda_slice(grad)?.slice(gv.offset..);
-            let m = u8::as_cuda_slice(flags)?.slice(fv.offset..);
-            let [gsb, gsh] = gv.strides.map(|s| s as i64);
-            let [msb, mst] = fv.strides.map(|s| s as i64);
-            let (t, h) = (as_int(t, "T")?, as_int(h, "H")?);
-            let mut builder = func.builder();
-            builder.arg(&g).arg(&gsb).arg(&gsh);
-            builder.arg(&m).arg(&msb).arg(&mst);
-            builder.arg(&grad_hidden).arg(&t).arg(&h);
-            // SAFETY: argument order and types match the kernel's signature.
-            unsafe { builder.launch(launch_config(b, h as usize, width)?) }.w()?;
-        }
-        Ok(T::wrap_cuda_slice(grad_hidden, dev.clone()))
-    }
 }
 
 #[cfg(test)]

@@ -23,12 +23,15 @@
 //! every row goes through alike, labelled or not: which rows a mixed batch
 //! labels for a head is random, and a branch on it mispredicts half the time.
 //! `exp` and `ln` are vectorised polynomials; heads of 2 to 8 classes get
-//! fixed-size row loops. CUDA: see
-//! `kernels/cross_entropy.cu`; the forward also checks every label on the device
-//! and reads one small status record back, so an out-of-range label is an `Err`
-//! there too.
+//! fixed-size row loops. CUDA: see `kernels/cross_entropy.cu` and the launch
+//! plans in `cuda.rs`; the forward also checks every label on the device and
+//! leaves a small status record there. [`dual_head_cross_entropy`] reads it back
+//! (one synchronisation), so an out-of-range label is an `Err` there too;
+//! [`dual_head_cross_entropy_deferred`] leaves that read to the caller's next
+//! synchronisation (a training step's loss read-back), and the backward takes
+//! the labelled-row counts from the device.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -40,6 +43,9 @@ use super::dtype::{check_float_dtype, Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
 use super::math::{exp_f32, ln_f32};
 use crate::with_float_dtype;
+
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+mod cuda;
 
 const OP: &str = "dual_head_cross_entropy";
 
@@ -85,6 +91,21 @@ pub fn dual_head_cross_entropy(
     logits_b: &Tensor,
     labels: &Tensor,
 ) -> Result<Tensor> {
+    let (losses, labels_checked) = dual_head_cross_entropy_deferred(logits_a, logits_b, labels)?;
+    labels_checked.verify()?;
+    Ok(losses)
+}
+
+/// [`dual_head_cross_entropy`] without waiting for the label check on a GPU:
+/// the losses, and the [`LabelCheck`] to [verify](LabelCheck::verify) once the
+/// step synchronises anyway (when its loss is read back). Until then an
+/// out-of-range label shows only as NaN losses. On the CPU the labels are
+/// checked before this returns (an `Err`), as by [`dual_head_cross_entropy`].
+pub fn dual_head_cross_entropy_deferred(
+    logits_a: &Tensor,
+    logits_b: &Tensor,
+    labels: &Tensor,
+) -> Result<(Tensor, LabelCheck)> {
     check_rank(OP, "logits_a", logits_a, 2, "[N,Ca]")?;
     check_rank(OP, "logits_b", logits_b, 2, "[N,Cb]")?;
     check_rank(OP, "labels", labels, 2, "[N,2]")?;
@@ -94,11 +115,76 @@ pub fn dual_head_cross_entropy(
     check_same_dtype(OP, ("logits_a", logits_a), ("logits_b", logits_b))?;
     check_float_dtype(OP, "logits", logits_a.dtype())?;
     check_label_dtype(labels.dtype())?;
+    let state = Arc::new(ForwardState::default());
     let op = DualCrossEntropy {
         keep_grads: logits_a.track_op() || logits_b.track_op(),
-        ..Default::default()
+        state: state.clone(),
+        cpu_grads: OnceLock::new(),
     };
-    logits_a.apply_op3(logits_b, labels, op)
+    let losses = logits_a.apply_op3(logits_b, labels, op)?;
+    Ok((losses, LabelCheck { state }))
+}
+
+/// The label check of one [`dual_head_cross_entropy_deferred`] call.
+pub struct LabelCheck {
+    state: Arc<ForwardState>,
+}
+
+impl LabelCheck {
+    /// `Err` naming the first out-of-range label (head, row, value), if the
+    /// forward found one. On a GPU this reads 32 bytes back: a synchronisation.
+    pub fn verify(&self) -> Result<()> {
+        match self.state.device.get() {
+            None => Ok(()),
+            Some(status) => match status.label_error()? {
+                Some(error) => Err(error),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+/// What the forward leaves for the backward and for [`LabelCheck`].
+#[derive(Default)]
+struct ForwardState {
+    /// CPU path: the per-head labelled-row counts (its labels are checked).
+    labelled_rows: OnceLock<[usize; 2]>,
+    /// Kernel path: the status record, still on the device.
+    device: OnceLock<DeviceStatus>,
+}
+
+/// The kernels' status record where it lives, with what reading it needs.
+struct DeviceStatus {
+    status: StatusBuffer,
+    classes: [usize; 2],
+    ignore: i64,
+}
+
+enum StatusBuffer {
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::CudaStorage),
+    #[cfg(feature = "host-kernels")]
+    Host(super::host::HostBuffer),
+}
+
+impl DeviceStatus {
+    #[cfg_attr(
+        not(any(feature = "cuda", feature = "host-kernels")),
+        allow(unused_variables)
+    )]
+    fn label_error(&self) -> Result<Option<candle_core::Error>> {
+        match self.status {
+            #[cfg(feature = "cuda")]
+            StatusBuffer::Cuda(ref s) => {
+                let exec = super::cuda::CudaExecutor::new(s.device());
+                cuda::label_error(&exec, s, self.classes, self.ignore)
+            }
+            #[cfg(feature = "host-kernels")]
+            StatusBuffer::Host(ref s) => {
+                cuda::label_error(&super::host::HostExecutor, s, self.classes, self.ignore)
+            }
+        }
+    }
 }
 
 /// The same losses as [`dual_head_cross_entropy`], composed from candle's tensor
@@ -283,17 +369,16 @@ fn decode<L: Label>(label: L, classes: usize) -> std::result::Result<Option<usiz
 // ---------------------------------------------------------------------------
 
 /// Forward op: `(logits_a, logits_b, labels) -> [2]`. The forward records the
-/// per-head counts of labelled rows (the CUDA path reads them back with the label
-/// check anyway), so that the backward is one pass with no reduction of its own.
+/// per-head counts of labelled rows (on the kernel path, in the status record on
+/// the device), so that the backward is one pass with no reduction of its own.
 ///
 /// On the CPU, when a gradient may be wanted (`keep_grads`), the forward also
 /// writes `softmax − onehot` of every labelled row while the exponentials are
 /// at hand (in the accumulator dtype, so that scaling rounds once); the
 /// backward then only scales it by `g[h] / n_h`.
-#[derive(Default)]
 struct DualCrossEntropy {
     keep_grads: bool,
-    labelled_rows: OnceLock<[usize; 2]>,
+    state: Arc<ForwardState>,
     cpu_grads: OnceLock<Tensor>,
 }
 
@@ -302,7 +387,7 @@ struct DualCrossEntropy {
 /// CustomOp3 has room for three inputs, so the incoming gradient `g` (`[2]`,
 /// contiguous) rides in the struct.
 struct DualCrossEntropyBackward {
-    labelled_rows: [usize; 2],
+    state: Arc<ForwardState>,
     grad_losses: Tensor,
 }
 
@@ -322,6 +407,23 @@ impl CustomOp3 for DualCrossEntropy {
     ) -> Result<(CpuStorage, Shape)> {
         let (dims, logits, labels) = Dims::views(la, lb, ll)?;
         check_same_storage_dtype(sa.dtype(), sb.dtype())?;
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            check_float_dtype(OP, "logits", sa.dtype())?;
+            let ignore = ignore_index(sl.dtype())?;
+            let exec = super::host::HostExecutor;
+            let [a, b, l] = [sa, sb, sl].map(super::host::HostBuffer::upload);
+            let (a, b, l) = (a?, b?, l?);
+            let (losses, status) = cuda::forward(
+                &exec,
+                dims,
+                [(&a, logits[0]), (&b, logits[1])],
+                (&l, labels),
+                ignore,
+            )?;
+            self.keep_status(StatusBuffer::Host(status), dims, ignore);
+            return Ok((losses.download()?, Shape::from_dims(&[2])));
+        }
         let (losses, counts) = with_float_dtype!(OP, "logits", sa.dtype(), T => {
             with_label_dtype!(sl.dtype(), L => {
                 let logits = [Logits::<T>::new(sa, logits[0])?, Logits::<T>::new(sb, logits[1])?];
@@ -338,7 +440,7 @@ impl CustomOp3 for DualCrossEntropy {
                 }
             })
         })?;
-        let _ = self.labelled_rows.set(counts);
+        let _ = self.state.labelled_rows.set(counts);
         Ok((losses, Shape::from_dims(&[2])))
     }
 
@@ -354,12 +456,17 @@ impl CustomOp3 for DualCrossEntropy {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (dims, logits, labels) = Dims::views(la, lb, ll)?;
         check_same_storage_dtype(sa.dtype(), sb.dtype())?;
-        let (losses, counts) = with_float_dtype!(OP, "logits", sa.dtype(), T => {
-            with_label_dtype!(sl.dtype(), L => {
-                gpu::forward::<T, L>(dims, [(sa, logits[0]), (sb, logits[1])], (sl, labels))
-            })
-        })?;
-        let _ = self.labelled_rows.set(counts);
+        check_float_dtype(OP, "logits", sa.dtype())?;
+        let ignore = ignore_index(sl.dtype())?;
+        let exec = super::cuda::CudaExecutor::new(sa.device());
+        let (losses, status) = cuda::forward(
+            &exec,
+            dims,
+            [(sa, logits[0]), (sb, logits[1])],
+            (sl, labels),
+            ignore,
+        )?;
+        self.keep_status(StatusBuffer::Cuda(status), dims, ignore);
         Ok((losses, Shape::from_dims(&[2])))
     }
 
@@ -371,10 +478,10 @@ impl CustomOp3 for DualCrossEntropy {
         _losses: &Tensor,
         grad_losses: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(&labelled_rows) = self.labelled_rows.get() else {
-            candle_core::bail!("{OP}: backward called before the forward pass ran");
-        };
         if let Some(unscaled) = self.cpu_grads.get() {
+            let Some(&labelled_rows) = self.state.labelled_rows.get() else {
+                candle_core::bail!("{OP}: backward called before the forward pass ran");
+            };
             let g = grad_losses.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             let scales = head_scales([g[0], g[1]], labelled_rows);
             let grads = with_float_dtype!(OP, "logits", logits_a.dtype(), T => {
@@ -384,13 +491,31 @@ impl CustomOp3 for DualCrossEntropy {
             return Ok((Some(grad_a), Some(grad_b), None));
         }
         let backward = DualCrossEntropyBackward {
-            labelled_rows,
+            state: self.state.clone(),
             grad_losses: grad_losses.contiguous()?,
         };
         let grads = logits_a.apply_op3(logits_b, labels, backward)?;
         let (grad_a, grad_b) = split_grads(&grads, logits_a.dims(), logits_b.dims())?;
         Ok((Some(grad_a), Some(grad_b), None))
     }
+}
+
+impl DualCrossEntropy {
+    /// Keeps the kernels' status record for the backward and the label check.
+    #[cfg(any(feature = "cuda", feature = "host-kernels"))]
+    fn keep_status(&self, status: StatusBuffer, dims: Dims, ignore: i64) {
+        let _ = self.state.device.set(DeviceStatus {
+            status,
+            classes: dims.classes,
+            ignore,
+        });
+    }
+}
+
+/// The ignore index of a label dtype (`Err` for a non-integer dtype).
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+fn ignore_index(dtype: DType) -> Result<i64> {
+    with_label_dtype!(dtype, L => Ok(L::IGNORE.to_i64()))
 }
 
 /// The backward of a CPU forward that kept `softmax − onehot` (`unscaled`, in
@@ -450,12 +575,33 @@ impl CustomOp3 for DualCrossEntropyBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (dims, logits, labels) = Dims::views(la, lb, ll)?;
         check_same_storage_dtype(sa.dtype(), sb.dtype())?;
+        #[cfg(feature = "host-kernels")]
+        if let Some(DeviceStatus {
+            status: StatusBuffer::Host(status),
+            ..
+        }) = self.state.device.get()
+        {
+            let ignore = ignore_index(sl.dtype())?;
+            let (g, g_layout) = self.grad_losses.storage_and_layout();
+            let candle_core::Storage::Cpu(g) = &*g else {
+                candle_core::bail!("{OP}: the loss gradient is not on the CPU");
+            };
+            let grads = super::host::on_host([sa, sb, sl, g], |exec, [a, b, l, g]| {
+                let logits = [(a, logits[0]), (b, logits[1])];
+                let grad = (g, g_layout.start_offset());
+                cuda::backward(exec, dims, logits, (l, labels), ignore, grad, status)
+            })?;
+            return Ok((grads, Shape::from_dims(&[grad_len(dims)])));
+        }
+        let Some(&labelled_rows) = self.state.labelled_rows.get() else {
+            candle_core::bail!("{OP}: backward called before the CPU forward pass ran");
+        };
         let grads = with_float_dtype!(OP, "logits", sa.dtype(), T => {
             with_label_dtype!(sl.dtype(), L => {
                 let logits = [Logits::<T>::new(sa, logits[0])?, Logits::<T>::new(sb, logits[1])?];
                 let labels = Labels::<L>::new(sl, labels)?;
                 let g = self.grad_losses.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                let scales = head_scales([g[0], g[1]], self.labelled_rows);
+                let scales = head_scales([g[0], g[1]], labelled_rows);
                 // The same pass the forward makes when it keeps the gradient,
                 // then the per-head scale.
                 let (_, _, unscaled) = forward_with_grads_cpu(dims, &logits, &labels)?;
@@ -478,17 +624,22 @@ impl CustomOp3 for DualCrossEntropyBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (dims, logits, labels) = Dims::views(la, lb, ll)?;
         check_same_storage_dtype(sa.dtype(), sb.dtype())?;
-        let grads = with_float_dtype!(OP, "logits", sa.dtype(), T => {
-            with_label_dtype!(sl.dtype(), L => {
-                gpu::backward::<T, L>(
-                    dims,
-                    [(sa, logits[0]), (sb, logits[1])],
-                    (sl, labels),
-                    &self.grad_losses,
-                    self.labelled_rows,
-                )
-            })
-        })?;
+        let Some(DeviceStatus {
+            status: StatusBuffer::Cuda(status),
+            ..
+        }) = self.state.device.get()
+        else {
+            candle_core::bail!("{OP}: CUDA backward without a CUDA forward");
+        };
+        let ignore = ignore_index(sl.dtype())?;
+        let (g, g_layout) = self.grad_losses.storage_and_layout();
+        let candle_core::Storage::Cuda(g) = &*g else {
+            candle_core::bail!("{OP}: the loss gradient is not on the CUDA device");
+        };
+        let exec = super::cuda::CudaExecutor::new(sa.device());
+        let logits = [(sa, logits[0]), (sb, logits[1])];
+        let grad = (g, g_layout.start_offset());
+        let grads = cuda::backward(&exec, dims, logits, (sl, labels), ignore, grad, status)?;
         Ok((grads, Shape::from_dims(&[grad_len(dims)])))
     }
 }
@@ -1027,233 +1178,15 @@ where
     Ok((losses, counts, grads))
 }
 
-// ---------------------------------------------------------------------------
-// CUDA
-// ---------------------------------------------------------------------------
-
-#[cfg(feature = "cuda")]
-mod gpu {
-    //! Launches of `kernels/cross_entropy.cu`. Strides and offsets go to the
-    //! kernels as arguments: no input is copied.
-
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-    use candle_core::{Result, Storage, Tensor};
-
-    use super::{label_out_of_range, Dims, Label, OP};
-    use crate::ops::cuda::{kernel_name, load, ptx};
-    use crate::ops::dtype::FloatElem;
-    use crate::ops::layout::View;
-
-    const MODULE: &str = "cross_entropy";
-    const BLOCK: u32 = 256;
-    /// Enough resident blocks to fill any current GPU; above this, threads loop
-    /// over several rows (more independent loads each) and the finalize launch
-    /// stays one small block.
-    const MAX_FWD_BLOCKS: usize = 1024;
-    /// `status[0]` when every label was in range (the kernels' NO_BAD_LABEL).
-    const NO_BAD_LABEL: i64 = i64::MAX;
-
-    fn grid_for(rows: usize, max_blocks: usize) -> u32 {
-        rows.div_ceil(BLOCK as usize).clamp(1, max_blocks) as u32
-    }
-
-    fn config(grid: u32) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    /// A tensor's device slice starting at its layout's offset.
-    fn view<'a, T: CudaDType>(
-        storage: &'a CudaStorage,
-        layout: &View<2>,
-    ) -> Result<CudaView<'a, T>> {
-        Ok(T::as_cuda_slice(storage)?.slice(layout.offset..))
-    }
-
-    /// The inputs both kernels share, as launch arguments in kernel order:
-    /// each head's (logits, row stride, col stride, classes), then
-    /// (labels, row stride, col stride, n, ignore index).
-    struct Inputs<'a, T, L> {
-        logits: [CudaView<'a, T>; 2],
-        views: [View<2>; 2],
-        labels: CudaView<'a, L>,
-        label_view: View<2>,
-        n: usize,
-        ignore: i64,
-    }
-
-    impl<'a, T: CudaDType + DeviceRepr, L: Label + CudaDType + DeviceRepr> Inputs<'a, T, L> {
-        fn new(
-            dims: Dims,
-            logits: [(&'a CudaStorage, View<2>); 2],
-            labels: (&'a CudaStorage, View<2>),
-        ) -> Result<Self> {
-            Ok(Self {
-                logits: [
-                    view(logits[0].0, &logits[0].1)?,
-                    view(logits[1].0, &logits[1].1)?,
-                ],
-                views: [logits[0].1, logits[1].1],
-                labels: view(labels.0, &labels.1)?,
-                label_view: labels.1,
-                n: dims.n,
-                ignore: L::IGNORE.to_i64(),
-            })
-        }
-
-        fn push<'b>(&'b self, builder: &mut LaunchArgs<'b>) {
-            for (logits, view) in self.logits.iter().zip(&self.views) {
-                builder.arg(logits);
-                builder.arg(&view.strides[0]);
-                builder.arg(&view.strides[1]);
-                builder.arg(&view.dims[1]);
-            }
-            builder.arg(&self.labels);
-            builder.arg(&self.label_view.strides[0]);
-            builder.arg(&self.label_view.strides[1]);
-            builder.arg(&self.n);
-            builder.arg(&self.ignore);
-        }
-    }
-
-    /// The two losses and the per-head labelled-row counts; an out-of-range label
-    /// is an `Err`. One launch (two when more than one block is needed) and one
-    /// 32-byte device-to-host copy of the status record, which synchronises.
-    pub(super) fn forward<T, L>(
-        dims: Dims,
-        logits: [(&CudaStorage, View<2>); 2],
-        labels: (&CudaStorage, View<2>),
-    ) -> Result<(CudaStorage, [usize; 2])>
-    where
-        T: FloatElem + CudaDType + DeviceRepr,
-        L: Label + CudaDType + DeviceRepr,
-    {
-        let dev: &CudaDevice = &logits[0].0.device;
-        let inputs = Inputs::<T, L>::new(dims, logits, labels)?;
-        let grid = grid_for(dims.n, MAX_FWD_BLOCKS);
-        // SAFETY (allocs): every element is written by the kernels below.
-        let losses = unsafe { dev.alloc::<T>(2)? };
-        let status = unsafe { dev.alloc::<i64>(4)? };
-        let partial_loss = unsafe { dev.alloc::<f64>(2 * grid as usize)? };
-        let partial_int = unsafe { dev.alloc::<i64>(4 * grid as usize)? };
-
-        let fwd = load(
-            dev,
-            MODULE,
-            ptx::CROSS_ENTROPY,
-            &kernel_name::<T>(&format!("dual_ce_fwd_{}", L::TAG)),
-        )?;
-        let mut builder = fwd.builder();
-        inputs.push(&mut builder);
-        builder.arg(&partial_loss);
-        builder.arg(&partial_int);
-        builder.arg(&losses);
-        builder.arg(&status);
-        // SAFETY: argument list matches the kernel's signature; bounds come from the layouts.
-        unsafe { builder.launch(config(grid)) }.w()?;
-
-        if grid > 1 {
-            let finalize = load(
-                dev,
-                MODULE,
-                ptx::CROSS_ENTROPY,
-                &kernel_name::<T>("dual_ce_finalize"),
-            )?;
-            let n_partials = grid as usize;
-            let mut builder = finalize.builder();
-            builder.arg(&partial_loss);
-            builder.arg(&partial_int);
-            builder.arg(&n_partials);
-            builder.arg(&losses);
-            builder.arg(&status);
-            // SAFETY: as above; one block reduces `grid` partials.
-            unsafe { builder.launch(config(1)) }.w()?;
-        }
-
-        let status = dev.clone_dtoh(&status)?;
-        let (bad_key, bad_value) = (status[0], status[1]);
-        if bad_key != NO_BAD_LABEL {
-            let (row, head) = ((bad_key / 2) as usize, (bad_key % 2) as usize);
-            return Err(label_out_of_range(
-                head,
-                row,
-                bad_value,
-                dims.classes[head],
-                L::IGNORE.to_i64(),
-            ));
-        }
-        let counts = [status[2] as usize, status[3] as usize];
-        Ok((T::wrap_cuda_slice(losses, dev.clone()), counts))
-    }
-
-    /// Both gradients in one launch, one thread per row: `[N·Ca]` then `[N·Cb]`.
-    pub(super) fn backward<T, L>(
-        dims: Dims,
-        logits: [(&CudaStorage, View<2>); 2],
-        labels: (&CudaStorage, View<2>),
-        grad_losses: &Tensor,
-        labelled_rows: [usize; 2],
-    ) -> Result<CudaStorage>
-    where
-        T: FloatElem + CudaDType + DeviceRepr,
-        L: Label + CudaDType + DeviceRepr,
-    {
-        let dev: &CudaDevice = &logits[0].0.device;
-        let len = super::grad_len(dims);
-        // SAFETY: the kernel writes every element, zeros for ignored rows. (At least
-        // one element: a zero-byte device allocation is an error.)
-        let grads = unsafe { dev.alloc::<T>(len.max(1))? };
-        if dims.n > 0 {
-            let inputs = Inputs::<T, L>::new(dims, logits, labels)?;
-            let (g_storage, g_layout) = grad_losses.storage_and_layout();
-            let Storage::Cuda(g_storage) = &*g_storage else {
-                candle_core::bail!("{OP}: the loss gradient is not on the CUDA device");
-            };
-            let g = T::as_cuda_slice(g_storage)?.slice(g_layout.start_offset()..);
-            let [labelled_a, labelled_b] = labelled_rows.map(|n| n as i64);
-
-            let bwd = load(
-                dev,
-                MODULE,
-                ptx::CROSS_ENTROPY,
-                &kernel_name::<T>(&format!("dual_ce_bwd_{}", L::TAG)),
-            )?;
-            let mut builder = bwd.builder();
-            inputs.push(&mut builder);
-            builder.arg(&g);
-            builder.arg(&labelled_a);
-            builder.arg(&labelled_b);
-            builder.arg(&grads);
-            // SAFETY: argument list matches the kernel's signature.
-            unsafe { builder.launch(config(grid_for(dims.n, usize::MAX >> 1))) }.w()?;
-        }
-        Ok(T::wrap_cuda_slice(grads, dev.clone()))
-    }
-
-    /// Launches the empty kernel `dual_ce_empty` once: the launch-overhead
-    /// baseline the CUDA benches compare the op with.
-    pub fn launch_empty_kernel(dev: &CudaDevice) -> Result<()> {
-        let empty = load(dev, MODULE, ptx::CROSS_ENTROPY, "dual_ce_empty")?;
-        let mut builder = empty.builder();
-        // SAFETY: the kernel takes no arguments.
-        unsafe { builder.launch(config(1)) }.w()?;
-        Ok(())
-    }
-}
-
 /// Launches an empty kernel once on `device` (CUDA only): the launch-overhead
 /// baseline for the CUDA benches. Not part of the op.
 #[cfg(feature = "cuda")]
 #[doc(hidden)]
 pub fn launch_empty_kernel(device: &candle_core::Device) -> Result<()> {
     match device {
-        candle_core::Device::Cuda(dev) => gpu::launch_empty_kernel(dev),
+        candle_core::Device::Cuda(dev) => {
+            cuda::launch_empty_kernel(&super::cuda::CudaExecutor::new(dev))
+        }
         _ => candle_core::bail!("{OP}: launch_empty_kernel needs a CUDA device"),
     }
 }
@@ -1302,8 +1235,10 @@ mod tests {
         });
         let label_tensor = Tensor::from_vec(labels.clone(), (n, 2), &dev)?;
         let g = [0.7, -1.3];
+        let state = ForwardState::default();
+        let _ = state.labelled_rows.set(labelled_rows);
         let backward = DualCrossEntropyBackward {
-            labelled_rows,
+            state: Arc::new(state),
             grad_losses: Tensor::new(&[g[0] as f32, g[1] as f32], &dev)?,
         };
         let grads = a.apply_op3(&b, &label_tensor, backward)?;
