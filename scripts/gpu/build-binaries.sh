@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # Builds, on a machine with no GPU, the CUDA test and bench binaries that
-# scripts/gpu/run.sh runs on a GPU machine: release, `cuda` feature, linked
-# against stub driver/cuBLAS/cuRAND/NVRTC libraries (../shared/cuda/gen_stubs.py),
-# stripped and packed into gpu-bin/binaries.tar.gz (git-ignored; carry it).
+# scripts/gpu/run.sh runs on a GPU machine, and rehearses them up to their first
+# CUDA call.
+#
+# - Release profile, `cuda` feature, for a portable CPU level: x86-64-v3 (AVX2,
+#   FMA; no AVX-512), whatever CPU builds them (RUSTFLAGS replaces
+#   .cargo/config.toml's target-cpu=native), and without the gemm crate's AVX-512
+#   kernels (`--no-default-features`): the GPU host's CPU is unknown, and an
+#   illegal instruction there would waste the device time. The script checks
+#   that no AVX-512 instruction (a zmm register or an opmask) is in them.
+# - Linked against stub driver/cuBLAS/cuRAND/NVRTC libraries
+#   (../shared/cuda/gen_stubs.py); the GPU machine loads the real ones.
+# - Stripped and packed into gpu-bin/binaries.tar.gz (git-ignored; carry gpu-bin),
+#   at most 64 MiB in all (checked).
+# - Rehearsal: each binary starts here (on the stubs), lists its tests or
+#   benches, and the GPU tests fail with "no CUDA device" under
+#   SENTENCE_MTL_REQUIRE_GPU=1, as they must where no GPU is.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scripts/install-cuda.sh
@@ -18,12 +31,13 @@ print(next(os.path.dirname(p["manifest_path"]) for p in pkgs if p["name"] == "cu
   python3 ../shared/cuda/gen_stubs.py "$cudarc_src" "$STUBS"
 fi
 ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$STUBS/libcudart.so"
+ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$STUBS/libcudart.so.13"
 
-# Stubs only at link time (build.rs adds them to the search path); on the GPU
-# machine the real driver and libraries load. The test profile keeps every
-# dependency at opt-level 3 and shares the build of `cargo check --features cuda`
-# (candle's CUDA kernels take long to build); the kernels are nvcc -O3 either way.
+# Stubs only at link time (build.rs adds them to the search path).
 export SENTENCE_MTL_CUDA_STUBS=$STUBS
+export RUSTFLAGS="-C target-cpu=x86-64-v3"
+# A target folder of its own: other flags than the everyday build's.
+export CARGO_TARGET_DIR=${SENTENCE_MTL_GPU_TARGET:-target/gpu-release}
 
 list_executables() {
   python3 -c '
@@ -35,13 +49,34 @@ for line in sys.stdin:
 }
 
 rm -rf gpu-bin && mkdir -p gpu-bin/bin
-{
-  cargo test --features cuda --test gpu --bench cuda_ops --no-run --message-format=json
-} | list_executables | while read -r exe; do
+cargo test --release --no-default-features --features cuda --test gpu --bench cuda_ops \
+  --no-run --message-format=json | list_executables | while read -r exe; do
   name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
   cp "$exe" "gpu-bin/bin/$name"
   strip "gpu-bin/bin/$name"
 done
+ls gpu-bin/bin/gpu gpu-bin/bin/cuda_ops >/dev/null
+
+echo "== portable CPU level: no AVX-512 instruction"
+for exe in gpu-bin/bin/*; do
+  n=$(objdump -d --no-show-raw-insn "$exe" | grep -cE '%zmm|%k[1-7]' || true)
+  echo "$(basename "$exe"): $n AVX-512 instructions"
+  [ "$n" = 0 ] || { echo "error: $exe uses AVX-512" >&2; exit 1; }
+done
+
+echo "== rehearsal: the binaries start here and find no CUDA device"
+export LD_LIBRARY_PATH=$STUBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+gpu-bin/bin/gpu --list | tail -n 3
+gpu-bin/bin/cuda_ops --bench --list 2>&1 | tail -n 3
+if SENTENCE_MTL_REQUIRE_GPU=1 gpu-bin/bin/gpu --test-threads=1 >gpu-bin/rehearsal.log 2>&1; then
+  echo "error: the GPU tests passed without a GPU" >&2
+  exit 1
+fi
+grep -m1 "no CUDA device could be opened" gpu-bin/rehearsal.log
+echo "GPU tests fail as they must without a GPU ($(grep -c 'FAILED' gpu-bin/rehearsal.log) lines FAILED)"
+
 tar -C gpu-bin -czf gpu-bin/binaries.tar.gz bin
 rm -rf gpu-bin/bin
-ls -l gpu-bin
+size=$(stat -c %s gpu-bin/binaries.tar.gz)
+echo "gpu-bin/binaries.tar.gz: $((size / 1024 / 1024)) MiB"
+[ "$size" -lt $((60 * 1024 * 1024)) ] || { echo "error: over the 64 MiB carry limit" >&2; exit 1; }

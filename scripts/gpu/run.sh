@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Runs on a GPU machine, from the repo root, with gpu-bin/ (from
-# scripts/gpu/build-binaries.sh) beside it: the GPU-vs-CPU tests (none may skip),
-# then the CUDA benches. Everything lands in $OUT (default /tmp/sentence-mtl-gpu).
+# scripts/gpu/build-binaries.sh) beside it: the GPU-vs-CPU kernel tests (none
+# may skip: SENTENCE_MTL_REQUIRE_GPU=1 makes a missing device a failure), then
+# the CUDA benches. Everything lands in $OUT (default /tmp/sentence-mtl-gpu):
+# run.log (all of it), gpu-tests.log, cuda-bench.log and summary.json (device,
+# test counts and failures, every bench median line). Sized to finish within
+# about 6 minutes: BENCH_TIMEOUT (default 240 s) caps the benches.
 set -uo pipefail
 OUT=${OUT:-/tmp/sentence-mtl-gpu}
 mkdir -p "$OUT"
@@ -25,13 +29,39 @@ ls -l "$BIN/bin"
 ldd "$BIN/bin/gpu" | grep -E "cuda|cublas|curand|nvrtc|not found" || true
 
 echo "== GPU tests"
-SENTENCE_MTL_REQUIRE_GPU=1 "$BIN/bin/gpu" --test-threads=1 2>&1 | tee "$OUT/gpu-tests.log"
+SENTENCE_MTL_REQUIRE_GPU=1 timeout "${TEST_TIMEOUT:-180}" "$BIN/bin/gpu" --test-threads=1 2>&1 \
+  | tee "$OUT/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== CUDA benches"
-(cd "$BIN" && timeout "${BENCH_TIMEOUT:-360}" "$BIN/bin/cuda_ops" --bench --noplot \
+(cd "$BIN" && timeout "${BENCH_TIMEOUT:-240}" "$BIN/bin/cuda_ops" --bench --noplot \
   --warm-up-time 1 --measurement-time 2 ${BENCH_FILTER:-}) 2>&1 | tee "$OUT/cuda-bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "tests exit $tests_rc, benches exit $bench_rc"
+python3 - "$OUT" "$tests_rc" "$bench_rc" <<'EOF' || echo "no python3: summary.json not written"
+import json, re, subprocess, sys
+out, tests_rc, bench_rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+tests = open(f"{out}/gpu-tests.log", errors="replace").read()
+bench = open(f"{out}/cuda-bench.log", errors="replace").read()
+result = re.findall(r"test result: \w+\. (\d+) passed; (\d+) failed", tests)
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+except OSError:
+    gpu = "unknown"
+summary = {
+    "device": gpu,
+    "tests_exit": tests_rc,
+    "tests_passed": sum(int(p) for p, _ in result),
+    "tests_failed": sum(int(f) for _, f in result),
+    "failed": re.findall(r"^test (\S+) \.\.\. FAILED", tests, re.M),
+    "skipped_lines": [l for l in tests.splitlines() if "skipped" in l],
+    "bench_exit": bench_rc,
+    "bench_medians": [l for l in bench.splitlines() if "median" in l],
+    "bench_times": re.findall(r"^(\S.*?)\s+time:\s+\[(.*?)\]", bench, re.M),
+}
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
+print(json.dumps({k: summary[k] for k in ("device", "tests_passed", "tests_failed", "failed")}))
+EOF
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

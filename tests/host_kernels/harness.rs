@@ -190,3 +190,32 @@ fn a_write_past_the_end_of_a_buffer_is_an_error() {
         "{message}"
     );
 }
+
+/// Sizes past the kernels' `int` indices (or the grid's 65535 limit) are an
+/// `Err` from the launch plan, before anything runs. Broadcast (stride-0)
+/// views give the sizes without the memory.
+#[test]
+fn launch_plans_refuse_sizes_past_the_kernels_32_bit_indices() -> Result<()> {
+    use candle_core::{Device, Tensor};
+    use sentence_mtl::ops;
+    let dev = Device::Cpu;
+    let past = i32::MAX as usize + 1;
+    let message = |r: Result<Tensor>| r.expect_err("an error").to_string();
+    // mean pool: T past i32, and H needing more than 65535 column chunks.
+    let hidden = Tensor::ones((1, 1, 1), DType::F32, &dev)?.broadcast_as((1, past, 1))?;
+    let mask = Tensor::ones((1, 1), DType::U8, &dev)?.broadcast_as((1, past))?;
+    let m = message(ops::host::run(|| ops::masked_mean_pool(&hidden, &mask)));
+    assert!(m.contains(&format!("T = {past} is too large")), "{m}");
+    let wide = 65535 * 32 + 1;
+    let hidden = Tensor::ones((1, 1, 1), DType::F32, &dev)?.broadcast_as((1, 1, wide))?;
+    let mask = Tensor::ones((1, 1), DType::U8, &dev)?;
+    let m = message(ops::host::run(|| ops::masked_mean_pool(&hidden, &mask)));
+    assert!(m.contains("shape too large for the CUDA kernel"), "{m}");
+    // cosine: N past i32 rows.
+    let rows = Tensor::ones((1, 4), DType::F32, &dev)?.broadcast_as((past, 4))?;
+    let m = message(ops::host::run(|| ops::l2_normalize(&rows)));
+    assert!(m.contains(&format!("N = {past} is too large")), "{m}");
+    let m = message(ops::host::run(|| ops::cosine_similarity(&rows, &rows)));
+    assert!(m.contains(&format!("N = {past} is too large")), "{m}");
+    Ok(())
+}

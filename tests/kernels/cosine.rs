@@ -339,3 +339,83 @@ fn kernels_give_the_cpu_errors_for_bad_input() -> Result<()> {
     assert!(rows.contains("same number of rows N"), "{rows:?}");
     Ok(())
 }
+
+/// `|got − want| ≤ rtol · max|want|` per row of `h`: no absolute floor, so
+/// values of any magnitude are held to their own scale.
+fn assert_rows_close(what: &str, got: &[f64], want: &[f64], h: usize, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (r, (g, w)) in got.chunks(h).zip(want.chunks(h)).enumerate() {
+        let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{what}: row {r} of the reference is zero");
+        for (k, (x, y)) in g.iter().zip(w).enumerate() {
+            assert!(
+                x.is_finite() && (x - y).abs() <= rtol * scale,
+                "{what}: row {r} element {k} is {x:e}, want {y:e} (row scale {scale:e})"
+            );
+        }
+    }
+}
+
+/// f32 rows with norms of ~1.5e19: each square sum is finite, but the product
+/// of two norms (~2.3e38) exceeds 2^126, past which fast math's division
+/// (`__fdividef`) returns 0. The kernels divide by each norm on its own and
+/// match the f64 reference, forward and backward.
+#[test]
+fn kernels_handle_norms_whose_product_exceeds_2_pow_126() -> Result<()> {
+    let Some(target) = crate::kernel_target("kernels_handle_norms_whose_product_exceeds_2_pow_126")
+    else {
+        return Ok(());
+    };
+    let (n, h) = (20, 48);
+    let mut rng = rng(5);
+    let unit_rows = |rng: &mut rand::rngs::StdRng| -> Vec<f64> {
+        let u = random_values(rng, n * h, 1.0);
+        reference::l2_normalize(&u, h)
+    };
+    let scaled = |u: &[f64], norm: f64| -> Result<Tensor> {
+        let v: Vec<f32> = u.iter().map(|x| (x * norm) as f32).collect();
+        Tensor::from_vec(v, (n, h), &CPU)
+    };
+    let (ua, ub) = (unit_rows(&mut rng), unit_rows(&mut rng));
+    let (a, b) = (scaled(&ua, 1.5e19)?, scaled(&ub, 1.4e19)?);
+    let (a64, b64) = (values(&a), values(&b));
+    let g: Vec<f64> = random_values(&mut rng, n, 1.0);
+    let (cos, da, db, y, dy) = target.run(|dev| -> Result<_> {
+        let (va, vb) = (
+            Var::from_tensor(&a.to_device(dev)?)?,
+            Var::from_tensor(&b.to_device(dev)?)?,
+        );
+        let w = Tensor::from_vec(g.iter().map(|&v| v as f32).collect::<Vec<_>>(), n, dev)?;
+        let cos = cosine_similarity(va.as_tensor(), vb.as_tensor())?;
+        let grads = (&cos * &w)?.sum_all()?.backward()?;
+        let y = l2_normalize(va.as_tensor())?;
+        let wy = Tensor::from_vec(
+            ub.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            (n, h),
+            dev,
+        )?;
+        let dy = (&y * &wy)?.sum_all()?.backward()?;
+        Ok((
+            values(&cos),
+            values(grads.get(va.as_tensor()).expect("da")),
+            values(grads.get(vb.as_tensor()).expect("db")),
+            values(&y),
+            values(dy.get(va.as_tensor()).expect("dy")),
+        ))
+    })?;
+    let want_cos = reference::cosine_similarity(&a64, &b64, h);
+    assert_rows_close("cos", &cos, &want_cos, 1, 1e-5);
+    let (want_da, want_db) = reference::cosine_similarity_backward(&a64, &b64, &g, h);
+    assert_rows_close("da", &da, &want_da, h, 1e-4);
+    assert_rows_close("db", &db, &want_db, h, 1e-4);
+    assert_rows_close(
+        "l2_normalize",
+        &y,
+        &reference::l2_normalize(&a64, h),
+        h,
+        1e-5,
+    );
+    let want_dy = reference::l2_normalize_backward(&a64, &ub, h);
+    assert_rows_close("l2_normalize backward", &dy, &want_dy, h, 1e-4);
+    Ok(())
+}
