@@ -56,11 +56,14 @@ struct MaskRow {
   __device__ __forceinline__ bool at(long long t) const {
     const uint8_t *p = row + t * stride * width;
     unsigned long long bits;
-    switch (width) {
-      case 1: bits = *p; break;
-      case 2: bits = *reinterpret_cast<const uint16_t *>(p); break;
-      case 4: bits = *reinterpret_cast<const uint32_t *>(p); break;
-      default: bits = *reinterpret_cast<const unsigned long long *>(p); break;
+    if (width == 1) {
+      bits = *p;
+    } else if (width == 2) {
+      bits = *reinterpret_cast<const uint16_t *>(p);
+    } else if (width == 4) {
+      bits = *reinterpret_cast<const uint32_t *>(p);
+    } else {
+      bits = *reinterpret_cast<const unsigned long long *>(p);
     }
     return (bits & magnitude) != 0;
   }
@@ -73,7 +76,7 @@ __device__ __forceinline__ MaskRow mask_row(const uint8_t *mask, long long msb, 
 
 // Stages flags t0 .. t0+tile-1 of the row in `flags` (1 = real token) and returns
 // how many of them this thread saw set. Callers sync before and after.
-__device__ __forceinline__ int stage_flags(uint8_t *flags, const MaskRow &mask, int t0, int tile) {
+__device__ __forceinline__ int stage_flags(uint8_t *flags, const MaskRow mask, int t0, int tile) {
   int seen = 0;
   for (int i = threadIdx.x; i < tile; i += BLOCK) {
     const uint8_t on = mask.at(t0 + i);

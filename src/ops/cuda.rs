@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaView, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{DType, Result};
 
-use super::launch::{Alloc, Arg, Buffer, Executor, Launch};
+use super::launch::{resolve, Alloc, Arg, Buffer, Executor, Launch};
 
 /// The PTX of each kernel file, one per target architecture (from build.rs).
 pub mod ptx {
@@ -118,7 +119,6 @@ impl Executor for CudaExecutor<'_> {
     type Storage = CudaStorage;
 
     fn dtype(storage: &CudaStorage) -> DType {
-        use candle_core::backend::BackendStorage;
         storage.dtype()
     }
 
@@ -148,18 +148,7 @@ impl Executor for CudaExecutor<'_> {
         inputs: &[&CudaStorage],
         outputs: &[&CudaStorage],
     ) -> Result<()> {
-        let buffer = |b: Buffer| -> Result<&CudaStorage> {
-            let found = match b {
-                Buffer::Input(i) => inputs.get(i),
-                Buffer::Output(i) => outputs.get(i),
-            };
-            found.copied().ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "{}: launch plan names a missing {b:?}",
-                    launch.kernel
-                ))
-            })
-        };
+        let buffer = |b: Buffer| resolve(launch, b, inputs, outputs);
         let pointer = |b: Buffer, offset: usize| -> Result<Value<'_>> {
             let storage = buffer(b)?;
             let byte = offset * Self::dtype(storage).size_in_bytes();

@@ -21,7 +21,7 @@ use std::hash::{DefaultHasher, Hasher};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Result};
 
-use super::launch::{Alloc, Arg, Buffer, Executor, Launch};
+use super::launch::{resolve, Alloc, Arg, Buffer, Executor, Launch};
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
@@ -220,18 +220,7 @@ impl Executor for HostExecutor {
         inputs: &[&HostBuffer],
         outputs: &[&HostBuffer],
     ) -> Result<()> {
-        let buffer = |b: Buffer| -> Result<&HostBuffer> {
-            let found = match b {
-                Buffer::Input(i) => inputs.get(i),
-                Buffer::Output(i) => outputs.get(i),
-            };
-            found.copied().ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "{}: launch plan names a missing {b:?}",
-                    launch.kernel
-                ))
-            })
-        };
+        let buffer = |b: Buffer| resolve(launch, b, inputs, outputs);
         let mut slots = Vec::with_capacity(launch.args.len());
         for arg in &launch.args {
             slots.push(match *arg {

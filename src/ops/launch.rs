@@ -177,6 +177,25 @@ pub trait Executor {
     fn read_i64(&self, storage: &Self::Storage) -> Result<Vec<i64>>;
 }
 
+/// The storage `buffer` names, among a launch's `inputs` and `outputs`.
+pub fn resolve<'a, S>(
+    launch: &Launch,
+    buffer: Buffer,
+    inputs: &[&'a S],
+    outputs: &[&'a S],
+) -> Result<&'a S> {
+    let found = match buffer {
+        Buffer::Input(i) => inputs.get(i),
+        Buffer::Output(i) => outputs.get(i),
+    };
+    found.copied().ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "{}: launch plan names a missing {buffer:?}",
+            launch.kernel
+        ))
+    })
+}
+
 /// Allocates `allocs`, then runs `launches` in order on them: the outputs.
 pub fn run<E: Executor>(
     exec: &E,
