@@ -52,6 +52,8 @@ rm -rf gpu-bin && mkdir -p gpu-bin/bin
 cargo test --release --no-default-features --features cuda --test gpu --bench cuda_ops \
   --no-run --message-format=json | list_executables | while read -r exe; do
   name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
+  # Only the two targets asked for (the CLI binary is built for the tests too).
+  case "$name" in gpu | cuda_ops) ;; *) continue ;; esac
   cp "$exe" "gpu-bin/bin/$name"
   strip "gpu-bin/bin/$name"
 done
