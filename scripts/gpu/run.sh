@@ -5,7 +5,7 @@
 # the CUDA benches. Everything lands in $OUT (default /tmp/sentence-mtl-gpu):
 # run.log (all of it), gpu-tests.log, cuda-bench.log and summary.json (device,
 # test counts and failures, every bench median line). Sized to finish within
-# about 6 minutes: BENCH_TIMEOUT (default 240 s) caps the benches.
+# 6 minutes: TEST_TIMEOUT (default 150 s) and BENCH_TIMEOUT (default 210 s) cap the two steps.
 set -uo pipefail
 OUT=${OUT:-/tmp/sentence-mtl-gpu}
 mkdir -p "$OUT"
@@ -29,12 +29,12 @@ ls -l "$BIN/bin"
 ldd "$BIN/bin/gpu" | grep -E "cuda|cublas|curand|nvrtc|not found" || true
 
 echo "== GPU tests"
-SENTENCE_MTL_REQUIRE_GPU=1 timeout "${TEST_TIMEOUT:-180}" "$BIN/bin/gpu" --test-threads=1 2>&1 \
+SENTENCE_MTL_REQUIRE_GPU=1 timeout "${TEST_TIMEOUT:-150}" "$BIN/bin/gpu" --test-threads=1 2>&1 \
   | tee "$OUT/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== CUDA benches"
-(cd "$BIN" && timeout "${BENCH_TIMEOUT:-240}" "$BIN/bin/cuda_ops" --bench --noplot \
+(cd "$BIN" && timeout "${BENCH_TIMEOUT:-210}" "$BIN/bin/cuda_ops" --bench --noplot \
   --warm-up-time 1 --measurement-time 2 ${BENCH_FILTER:-}) 2>&1 | tee "$OUT/cuda-bench.log"
 bench_rc=${PIPESTATUS[0]}
 
@@ -44,6 +44,18 @@ import json, re, subprocess, sys
 out, tests_rc, bench_rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tests = open(f"{out}/gpu-tests.log", errors="replace").read()
 bench = open(f"{out}/cuda-bench.log", errors="replace").read()
+def bench_times(text):
+    """(benchmark, "low median high") from criterion's `time: [..]` lines, whose
+    name stands on the same line or, when long, on the line before."""
+    times, name = [], None
+    for line in text.splitlines():
+        m = re.match(r"^(\S.*?)?\s*time:\s+\[(.*?)\]", line)
+        if m:
+            times.append([m.group(1) or name, m.group(2)])
+        elif line and not line[0].isspace():
+            name = line.strip()
+    return times
+
 result = re.findall(r"test result: \w+\. (\d+) passed; (\d+) failed", tests)
 try:
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -59,7 +71,7 @@ summary = {
     "skipped_lines": [l for l in tests.splitlines() if "skipped" in l],
     "bench_exit": bench_rc,
     "bench_medians": [l for l in bench.splitlines() if "median" in l],
-    "bench_times": re.findall(r"^(\S.*?)\s+time:\s+\[(.*?)\]", bench, re.M),
+    "bench_times": bench_times(bench),
 }
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
 print(json.dumps({k: summary[k] for k in ("device", "tests_passed", "tests_failed", "failed")}))
