@@ -69,3 +69,13 @@ extern "C" __global__ void selftest_reverse_in_shared(const float *x, float *out
 extern "C" __global__ void selftest_count(long long *counter) {
   atomicAdd(reinterpret_cast<unsigned long long *>(counter), 1ull);
 }
+
+// f32 -> f16 / bf16 -> f32 through the dtype stand-ins: one element per thread.
+extern "C" __global__ void selftest_round(const float *x, __half *h, __nv_bfloat16 *b, float *back, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  h[i] = __float2half_rn(x[i]);
+  b[i] = __float2bfloat16_rn(x[i]);
+  back[2 * i] = __half2float(h[i]);
+  back[2 * i + 1] = __bfloat162float(b[i]);
+}

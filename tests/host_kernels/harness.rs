@@ -219,3 +219,101 @@ fn launch_plans_refuse_sizes_past_the_kernels_32_bit_indices() -> Result<()> {
     assert!(m.contains(&format!("N = {past} is too large")), "{m}");
     Ok(())
 }
+
+/// The harness's `__half` / `__nv_bfloat16` round to nearest even exactly as
+/// the device (and the `half` crate) do: ties, subnormals, the overflow edge,
+/// infinities and NaN, and random values over the whole f32 range.
+#[test]
+fn half_and_bfloat16_round_to_nearest_even_like_the_device() -> Result<()> {
+    use half::{bf16, f16};
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        1e-8,
+        2.9802322e-8, // 2^-25: the tie below f16's smallest subnormal
+        5.9604645e-8, // 2^-24: f16's smallest subnormal
+        8.940697e-8,  // 1.5 · 2^-24: a subnormal tie
+        6.097555e-5,  // just below f16's smallest normal
+        1.0009766,    // 1 + 2^-10: an f16 value
+        1.0004883,    // 1 + 2^-11: a tie between two f16 values
+        1.0078125,    // 1 + 2^-7: a bf16 value
+        1.00390625,   // 1 + 2^-8: a tie between two bf16 values
+        3.3895314e38, // rounds to bf16 infinity
+    ];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..200_000 {
+        // Random bit patterns: every exponent, sign and mantissa.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let v = f32::from_bits(state as u32);
+        if !v.is_nan() {
+            x.push(v);
+        }
+    }
+    let n = x.len();
+    let outs = [
+        Alloc {
+            dtype: DType::F16,
+            len: n,
+        },
+        Alloc {
+            dtype: DType::BF16,
+            len: n,
+        },
+        Alloc {
+            dtype: DType::F32,
+            len: 2 * n,
+        },
+    ];
+    let launch = selftest("selftest_round", n.div_ceil(256) as u32, 256)
+        .ptr(Buffer::Input(0), 0)
+        .ptr(Buffer::Output(0), 0)
+        .ptr(Buffer::Output(1), 0)
+        .ptr(Buffer::Output(2), 0)
+        .i32(n as i32);
+    let got = run(&[CpuStorage::F32(x.clone())], &outs, &[launch])?;
+    let (h, b, back) = (
+        got[0].as_slice::<f16>()?,
+        got[1].as_slice::<bf16>()?,
+        got[2].as_slice::<f32>()?,
+    );
+    for (i, &v) in x.iter().enumerate() {
+        assert_eq!(h[i].to_bits(), f16::from_f32(v).to_bits(), "f16 of {v:e}");
+        assert_eq!(b[i].to_bits(), bf16::from_f32(v).to_bits(), "bf16 of {v:e}");
+        assert_eq!(
+            back[2 * i].to_bits(),
+            f16::from_f32(v).to_f32().to_bits(),
+            "f16 back {v:e}"
+        );
+        assert_eq!(
+            back[2 * i + 1].to_bits(),
+            bf16::from_f32(v).to_f32().to_bits(),
+            "bf16 back {v:e}"
+        );
+    }
+    // NaN stays NaN.
+    let nan = run(
+        &[CpuStorage::F32(vec![f32::NAN])],
+        &outs.map(|a| Alloc {
+            len: a.len.min(2),
+            ..a
+        }),
+        &[selftest("selftest_round", 1, 32)
+            .ptr(Buffer::Input(0), 0)
+            .ptr(Buffer::Output(0), 0)
+            .ptr(Buffer::Output(1), 0)
+            .ptr(Buffer::Output(2), 0)
+            .i32(1)],
+    )?;
+    assert!(nan[0].as_slice::<f16>()?[0].is_nan() && nan[1].as_slice::<bf16>()?[0].is_nan());
+    Ok(())
+}

@@ -158,10 +158,7 @@ struct ForwardState {
 
 /// The kernels' status record where it lives, with what reading it needs.
 /// (Without a kernel path, `cuda` or `host-kernels`, none is ever made.)
-#[cfg_attr(
-    not(any(feature = "cuda", feature = "host-kernels")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(any(feature = "cuda", feature = "host-kernels")), allow(dead_code))]
 struct DeviceStatus {
     status: StatusBuffer,
     classes: [usize; 2],
