@@ -238,15 +238,15 @@ fn half_and_bfloat16_round_to_nearest_even_like_the_device() -> Result<()> {
         f32::NEG_INFINITY,
         f32::MIN_POSITIVE,
         1e-8,
-        2.9802322e-8, // 2^-25: the tie below f16's smallest subnormal
-        5.9604645e-8, // 2^-24: f16's smallest subnormal
-        8.940697e-8,  // 1.5 · 2^-24: a subnormal tie
-        6.097555e-5,  // just below f16's smallest normal
-        1.0009766,    // 1 + 2^-10: an f16 value
-        1.0004883,    // 1 + 2^-11: a tie between two f16 values
-        1.0078125,    // 1 + 2^-7: a bf16 value
-        1.00390625,   // 1 + 2^-8: a tie between two bf16 values
-        3.3895314e38, // rounds to bf16 infinity
+        2f32.powi(-25),       // the tie below f16's smallest subnormal
+        2f32.powi(-24),       // f16's smallest subnormal
+        1.5 * 2f32.powi(-24), // a subnormal tie
+        6.097555e-5,          // just below f16's smallest normal
+        1.0 + 2f32.powi(-10), // an f16 value
+        1.0 + 2f32.powi(-11), // a tie between two f16 values
+        1.0 + 2f32.powi(-7),  // a bf16 value
+        1.0 + 2f32.powi(-8),  // a tie between two bf16 values
+        f32::MAX,             // rounds to bf16 infinity
     ];
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for _ in 0..200_000 {
