@@ -51,17 +51,14 @@ impl Accum for f64 {
 /// A floating-point element type the ops accept (f32, f16, bf16, f64).
 pub trait FloatElem: WithDType + Copy + Send + Sync + 'static {
     type Acc: Accum;
-    /// Name used for the kernel instance of this dtype (`f32`, `f16`, `bf16`, `f64`).
-    const KERNEL_SUFFIX: &'static str;
     fn to_acc(self) -> Self::Acc;
     fn from_acc(v: Self::Acc) -> Self;
 }
 
 macro_rules! float_elem {
-    ($t:ty, $acc:ty, $suffix:literal, $to:expr, $from:expr) => {
+    ($t:ty, $acc:ty, $to:expr, $from:expr) => {
         impl FloatElem for $t {
             type Acc = $acc;
-            const KERNEL_SUFFIX: &'static str = $suffix;
             #[inline(always)]
             fn to_acc(self) -> $acc {
                 $to(self)
@@ -74,10 +71,10 @@ macro_rules! float_elem {
     };
 }
 
-float_elem!(f32, f32, "f32", |x: f32| x, |v: f32| v);
-float_elem!(f64, f64, "f64", |x: f64| x, |v: f64| v);
-float_elem!(f16, f32, "f16", f16::to_f32, f16::from_f32);
-float_elem!(bf16, f32, "bf16", bf16::to_f32, bf16::from_f32);
+float_elem!(f32, f32, |x: f32| x, |v: f32| v);
+float_elem!(f64, f64, |x: f64| x, |v: f64| v);
+float_elem!(f16, f32, f16::to_f32, f16::from_f32);
+float_elem!(bf16, f32, bf16::to_f32, bf16::from_f32);
 
 /// The dtype in which the composed (candle-op) forms accumulate softmax and
 /// LayerNorm statistics: f32 for the half types (their 8- or 11-bit mantissas
