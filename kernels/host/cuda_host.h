@@ -74,15 +74,19 @@ const uint64_t *warp_exchange(unsigned mask, const void *value, size_t bytes);
 
 inline unsigned lane() { return current_thread->linear & 31u; }
 
-template <typename T> inline T shuffle_from(unsigned mask, T value, int src_lane, int width) {
+// The value of `value` in lane `src_lane` among the lanes of `mask`. A source
+// outside this lane's width-segment gives this lane's own value, as on the GPU;
+// `earlier_ok` (xor shuffles) lets a lane read from earlier segments.
+template <typename T>
+inline T shuffle_from(unsigned mask, T value, int src_lane, int width, bool earlier_ok = false) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fail("shuffle width must be a power of 2 <= 32");
   const uint64_t *slots = warp_exchange(mask, &value, sizeof(T));
   const unsigned me = lane();
-  // Lanes outside this lane's width-segment read their own value, as on the GPU.
   const unsigned segment = me & ~static_cast<unsigned>(width - 1);
   unsigned src = static_cast<unsigned>(src_lane);
-  if (src < segment || src >= segment + static_cast<unsigned>(width)) src = me;
+  const bool before = src_lane < 0 || src < segment;
+  if ((before && !earlier_ok) || src >= segment + static_cast<unsigned>(width)) src = me;
   if (!((mask >> src) & 1u)) fail("shuffle reads a lane outside its mask");
   T out;
   std::memcpy(&out, &slots[src], sizeof(T));
@@ -138,7 +142,7 @@ template <typename T> inline T __shfl_sync(unsigned mask, T v, int src_lane, int
   return ::smtl_host::shuffle_from(mask, v, base + (src_lane & (width - 1)), width);
 }
 template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  return ::smtl_host::shuffle_from(mask, v, static_cast<int>(::smtl_host::lane()) ^ lane_mask, width);
+  return ::smtl_host::shuffle_from(mask, v, static_cast<int>(::smtl_host::lane()) ^ lane_mask, width, true);
 }
 template <typename T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   return ::smtl_host::shuffle_from(mask, v, static_cast<int>(::smtl_host::lane() + delta), width);
