@@ -563,3 +563,54 @@ fn bad_input_is_an_error_naming_the_problem() -> Result<()> {
     );
     Ok(())
 }
+
+/// The deferred form on the CPU: the same losses and gradients as the checked
+/// form, a check that passes, and a bad label still an `Err` at the call.
+#[test]
+fn deferred_form_matches_the_checked_one_and_rejects_bad_labels_at_once_on_the_cpu(
+) -> candle_core::Result<()> {
+    use candle_core::{Device, Tensor, Var};
+    use sentence_mtl::ops::cross_entropy::dual_head_cross_entropy_deferred;
+    use sentence_mtl::ops::{dual_head_cross_entropy, IGNORE_INDEX};
+    let dev = Device::Cpu;
+    let a = Var::from_tensor(&Tensor::randn(0f32, 1., (9, 4), &dev)?)?;
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1., (9, 3), &dev)?)?;
+    let labels: Vec<i64> = (0..9)
+        .flat_map(|i| [if i % 3 == 0 { IGNORE_INDEX } else { i % 4 }, i % 3])
+        .collect();
+    let labels = Tensor::from_vec(labels, (9, 2), &dev)?;
+    let run = |deferred: bool| -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let losses = if deferred {
+            let (losses, check) =
+                dual_head_cross_entropy_deferred(a.as_tensor(), b.as_tensor(), &labels)?;
+            check.verify()?;
+            losses
+        } else {
+            dual_head_cross_entropy(a.as_tensor(), b.as_tensor(), &labels)?
+        };
+        let grads = (&losses * Tensor::new(&[0.7f32, -1.2], &dev)?)?
+            .sum_all()?
+            .backward()?;
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        Ok((
+            losses.to_vec1()?,
+            flat(grads.get(a.as_tensor()).unwrap())?,
+            flat(grads.get(b.as_tensor()).unwrap())?,
+        ))
+    };
+    assert_eq!(run(true)?, run(false)?);
+    let bad = Tensor::new(&[[0i64, 7]], &dev)?;
+    let (a1, b1) = (
+        a.as_tensor().narrow(0, 0, 1)?,
+        b.as_tensor().narrow(0, 0, 1)?,
+    );
+    let message = dual_head_cross_entropy_deferred(&a1, &b1, &bad)
+        .err()
+        .expect("a bad label is an Err on the CPU")
+        .to_string();
+    assert!(
+        message.contains("label out of range for head B"),
+        "{message}"
+    );
+    Ok(())
+}

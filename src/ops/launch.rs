@@ -134,14 +134,12 @@ fn type_name(dtype: DType) -> &'static str {
 
 /// `base_f32`, `base_f16`, ...: a kernel's instance for the float `dtype`.
 pub fn kernel_name(base: &str, dtype: DType) -> Result<String> {
-    let suffix = match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::F64 => "f64",
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => {
+            Ok(format!("{base}_{}", type_name(dtype)))
+        }
         other => candle_core::bail!("{base}: no kernel for dtype {other:?}"),
-    };
-    Ok(format!("{base}_{suffix}"))
+    }
 }
 
 /// `n` as a kernel's `int` argument, or an `Err` naming `op` and `what`.
