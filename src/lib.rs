@@ -10,11 +10,15 @@
 //! - [`data`] and [`train`]: TweetEval loading, batching, and the trainer.
 //! - [`cli`]: the `sentence-mtl` command line; [`runtime`]: its process-wide
 //!   allocator setting.
+//!
+//! [`plots`] (PNG charts from plain series and matrices) stands apart: it uses
+//! no other module, and `train` and `cli` draw with it.
 
 pub mod cli;
 pub mod data;
 pub mod model;
 pub mod ops;
+pub mod plots;
 pub mod runtime;
 pub mod train;
 

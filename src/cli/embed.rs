@@ -5,8 +5,9 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
+use super::device::DeviceArgs;
 use crate::model::{Pooling, SentenceEncoder, DEFAULT_MODEL};
 
 /// Options shared by the commands that run the sentence encoder.
@@ -15,62 +16,29 @@ pub struct EncoderArgs {
     /// Model folder or Hugging Face repo id.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// Weight and activation dtype.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
     /// Sentences per forward pass.
     #[arg(long, default_value_t = crate::model::encoder::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
     /// Pooling, overriding the model's 1_Pooling/config.json.
     #[arg(long, value_enum)]
-    pub pooling: Option<PoolingArg>,
+    pub pooling: Option<Pooling>,
     /// Do not L2-normalise embeddings, even if the model's pipeline does.
     #[arg(long)]
     pub no_normalize: bool,
-    /// Run on the GPU (needs the `cuda` feature).
-    #[arg(long)]
-    pub cuda: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<Precision> for DType {
-    fn from(p: Precision) -> Self {
-        match p {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum PoolingArg {
-    Mean,
-    Cls,
+    /// Where the encoder runs and in which dtype.
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 impl EncoderArgs {
     /// Loads the encoder these options describe, with a progress bar for long inputs.
     pub fn load(&self) -> anyhow::Result<SentenceEncoder> {
-        let device = if self.cuda {
-            Device::new_cuda(0).context("cannot open CUDA device 0")?
-        } else {
-            Device::Cpu
-        };
-        let mut encoder = SentenceEncoder::load(&self.model, self.dtype.into(), &device)?
+        let device = self.device.device()?;
+        let mut encoder = SentenceEncoder::load(&self.model, self.device.dtype(), &device)?
             .with_batch_size(self.batch_size)
             .with_progress(true);
         if let Some(pooling) = self.pooling {
-            encoder = encoder.with_pooling(match pooling {
-                PoolingArg::Mean => Pooling::Mean,
-                PoolingArg::Cls => Pooling::Cls,
-            });
+            encoder = encoder.with_pooling(pooling);
         }
         if self.no_normalize {
             encoder = encoder.with_normalize(false);
@@ -79,6 +47,7 @@ impl EncoderArgs {
     }
 }
 
+/// How `embed` writes the embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// A JSON array of embedding arrays, in input order, on stdout.
@@ -87,6 +56,7 @@ pub enum Format {
     Npy,
 }
 
+/// The options of `sentence-mtl embed`.
 #[derive(Debug, clap::Args)]
 pub struct EmbedArgs {
     /// Sentences to embed; if none, they are read from --file or stdin, one per line.
@@ -94,11 +64,13 @@ pub struct EmbedArgs {
     /// File with one sentence per line ("-" for stdin).
     #[arg(long, short)]
     pub file: Option<PathBuf>,
+    /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
     /// Output file (required for npy; JSON goes to stdout without it).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// The encoder to run.
     #[command(flatten)]
     pub encoder: EncoderArgs,
 }
@@ -142,6 +114,7 @@ fn read_lines(reader: impl BufRead) -> std::io::Result<Vec<String>> {
         .collect()
 }
 
+/// Runs `sentence-mtl embed`.
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     // Settle where the output goes before the (slow) encoding.
     let npy_path = match (args.format, args.output.as_deref()) {

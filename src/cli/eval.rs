@@ -4,13 +4,13 @@
 
 use std::path::PathBuf;
 
-use crate::data::{tokenize_split, Head, Split, TaskData};
+use super::device::DeviceArgs;
+use crate::data::Split;
+use crate::plots;
 use crate::train::checkpoint;
-use crate::train::evaluate::evaluate_split;
-use crate::train::plots;
+use crate::train::evaluate::evaluate_checkpoint;
 
-use super::train::DeviceArgs;
-
+/// The options of `sentence-mtl eval`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
     /// A checkpoint folder, or the output folder of a training run.
@@ -19,58 +19,25 @@ pub struct EvalArgs {
     /// The TweetEval folder (one folder per task, named as in training).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
+    /// The split to score.
     #[arg(long, value_enum, default_value_t = Split::Test)]
     pub split: Split,
+    /// Sentences per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Where the confusion-matrix PNGs go (default: the --checkpoint folder as given).
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// Where the checkpoint runs and in which dtype.
     #[command(flatten)]
     pub device: DeviceArgs,
 }
 
+/// Runs `sentence-mtl eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let device = args.device.device()?;
-    let loaded = checkpoint::load(&args.checkpoint, &device)?;
-    let info = &loaded.info;
-    let tasks = [
-        TaskData::open(args.data.join(&info.tasks[0]))?,
-        TaskData::open(args.data.join(&info.tasks[1]))?,
-    ];
-    for (task, names) in tasks.iter().zip(&info.label_names) {
-        anyhow::ensure!(
-            &task.label_names == names,
-            "{}: labels {:?} differ from the checkpoint's {:?}",
-            task.dir.join("mapping.txt").display(),
-            task.label_names,
-            names
-        );
-    }
-    let examples = [
-        tokenize_split(
-            &loaded.tokenizer,
-            &tasks[0].load(args.split)?,
-            Head::A,
-            info.max_len,
-        )?,
-        tokenize_split(
-            &loaded.tokenizer,
-            &tasks[1].load(args.split)?,
-            Head::B,
-            info.max_len,
-        )?,
-    ];
-    let pad = crate::data::batch::pad_id(&loaded.tokenizer);
-    let report = evaluate_split(
-        &loaded.model,
-        args.split,
-        [&examples[0], &examples[1]],
-        &tasks,
-        pad,
-        args.batch_size,
-        &device,
-    )?;
+    let loaded = checkpoint::load(&args.checkpoint, &device, args.device.dtype_override())?;
+    let report = evaluate_checkpoint(&loaded, &args.data, args.split, args.batch_size, &device)?;
 
     let out = args
         .output
@@ -87,7 +54,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         match plots::confusion_matrix(
             &path,
             &format!("{} ({}): confusion matrix", t.task, args.split),
-            t,
+            &t.label_names,
+            &t.confusion.counts,
         ) {
             Ok(()) => eprintln!("  confusion matrix: {}", path.display()),
             Err(e) => eprintln!("  warning: no confusion-matrix plot: {e:#}"),

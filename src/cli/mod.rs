@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod device;
 pub mod embed;
 pub mod eval;
 pub mod predict;
@@ -14,11 +15,14 @@ pub mod train;
     version,
     about = "Sentence embeddings and multi-task learning on BERT, with fused CPU/CUDA ops"
 )]
+/// The parsed command line.
 pub struct Cli {
+    /// The subcommand and its options.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Encode sentences into embeddings (JSON or .npy).
@@ -33,6 +37,7 @@ pub enum Command {
     Predict(predict::PredictArgs),
 }
 
+/// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Embed(args) => embed::run(args),

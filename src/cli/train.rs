@@ -7,12 +7,12 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
-
+use super::device::DeviceArgs;
 use crate::data::SamplerKind;
 use crate::model::multitask::Freeze;
 use crate::train::{MultiTaskTrainer, OverfitConfig, TrainConfig};
 
+/// The options of `sentence-mtl train`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     /// The TweetEval folder, with one folder per task (`emotion/`, `sentiment/`),
@@ -36,19 +36,25 @@ pub struct TrainArgs {
     /// (the embeddings and the lowest N layers).
     #[arg(long, default_value = "none")]
     pub freeze: Freeze,
+    /// Passes over the training data.
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
+    /// Rows per training batch, mixed from both tasks.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Rows per forward pass when evaluating.
     #[arg(long, default_value_t = 64)]
     pub eval_batch_size: usize,
     /// Truncation length in tokens ([CLS] and [SEP] included).
     #[arg(long, default_value_t = 64)]
     pub max_len: usize,
+    /// AdamW learning rate of the encoder (embeddings and layers).
     #[arg(long, default_value_t = 5e-5)]
     pub backbone_lr: f64,
+    /// AdamW learning rate of the two heads.
     #[arg(long, default_value_t = 1e-3)]
     pub head_lr: f64,
+    /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     /// Exempt biases and LayerNorm weights from weight decay.
@@ -60,8 +66,10 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (no clipping by default).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// How the two tasks are mixed into batches.
     #[arg(long, value_enum, default_value_t = SamplerKind::Proportional)]
     pub sampler: SamplerKind,
+    /// Seed of the heads' initialisation, the batches and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Weight of head A's loss in the total.
@@ -91,42 +99,13 @@ pub struct TrainArgs {
     /// No progress bar or log lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Where training runs and in which dtype.
     #[command(flatten)]
     pub device: DeviceArgs,
 }
 
-/// Where and in which dtype the model runs (shared by train, eval, predict).
-#[derive(Debug, Clone, clap::Args)]
-pub struct DeviceArgs {
-    /// Run on the CPU even when a GPU is available.
-    #[arg(long)]
-    pub cpu: bool,
-    /// The weights' dtype: f32, bf16, f16 or f64.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-}
-
-impl DeviceArgs {
-    pub fn device(&self) -> anyhow::Result<Device> {
-        if self.cpu {
-            Ok(Device::Cpu)
-        } else {
-            Ok(Device::cuda_if_available(0)?)
-        }
-    }
-
-    pub fn dtype(&self) -> anyhow::Result<DType> {
-        match self.dtype.as_str() {
-            "f32" => Ok(DType::F32),
-            "bf16" => Ok(DType::BF16),
-            "f16" => Ok(DType::F16),
-            "f64" => Ok(DType::F64),
-            other => anyhow::bail!("--dtype {other}: expected f32, bf16, f16 or f64"),
-        }
-    }
-}
-
 impl TrainArgs {
+    /// The trainer configuration these options describe.
     pub fn to_config(&self) -> TrainConfig {
         TrainConfig {
             data_dir: self.data.clone(),
@@ -161,12 +140,10 @@ impl TrainArgs {
     }
 }
 
+/// Runs `sentence-mtl train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let mut trainer = MultiTaskTrainer::new(
-        args.to_config(),
-        args.device.device()?,
-        args.device.dtype()?,
-    )?;
+    let mut trainer =
+        MultiTaskTrainer::new(args.to_config(), args.device.device()?, args.device.dtype())?;
     trainer.prepare_data()?;
     trainer.setup()?;
     let report = trainer.train()?;

@@ -264,10 +264,12 @@ impl BertEncoder {
         self.dropout.reseed(seed);
     }
 
+    /// The number of transformer layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
+    /// The width of the hidden states (384 for MiniLM-L6).
     pub fn hidden_size(&self) -> usize {
         self.hidden_size
     }

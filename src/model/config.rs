@@ -74,7 +74,8 @@ pub fn check_bert_config(config: &Config) -> anyhow::Result<()> {
 }
 
 /// How token states become one sentence vector (`1_Pooling/config.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Also the CLI's `--pooling` value (`mean`, `cls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Pooling {
     /// Mean of the hidden states over the real (unpadded) tokens.
     Mean,
@@ -87,6 +88,7 @@ pub enum Pooling {
 pub struct SentenceConfig {
     /// Longest input in tokens, `[CLS]` and `[SEP]` included; longer ones are truncated.
     pub max_seq_length: usize,
+    /// How token states are pooled into the sentence vector.
     pub pooling: Pooling,
     /// Whether the pipeline ends with L2 normalisation (a `Normalize` module).
     pub normalize: bool,

@@ -1,16 +1,16 @@
 //! [`SentenceEncoder`]: sentences in, one embedding per sentence out, as a
 //! sentence-transformers pipeline (Transformer, Pooling, optional Normalize).
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use tokenizers::{Encoding, Tokenizer};
+use tokenizers::Tokenizer;
 
 use super::bert::BertEncoder;
 use super::checkpoint::load_frozen;
 use super::config::{Pooling, SentenceConfig};
 use super::resolve::{resolve_model, ModelFiles};
-use super::tokenize::{load_tokenizer, pad_encodings, pad_id};
+use super::tokenize::{load_tokenizer, pad, pad_id, tokenize, Tokens};
 
 /// sentence-transformers' default batch size.
 pub const DEFAULT_BATCH_SIZE: usize = 32;
@@ -22,9 +22,9 @@ const PROGRESS_MIN_BATCHES: usize = 4;
 #[derive(Debug, Clone)]
 pub struct SentenceEncoder {
     model: BertEncoder,
-    /// Pads nothing: batches are padded by [`pad_encodings`] after length sorting.
+    /// Truncates at `max_seq_length`; batches are padded by [`pad`] after
+    /// length sorting.
     tokenizer: Tokenizer,
-    pad_id: u32,
     settings: SentenceConfig,
     device: Device,
     batch_size: usize,
@@ -44,13 +44,10 @@ impl SentenceEncoder {
     pub fn from_files(files: &ModelFiles, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let settings = SentenceConfig::load(files)?;
         let (model, _config) = load_frozen(files, dtype, device)?;
-        let mut tokenizer = load_tokenizer(files, settings.max_seq_length)?;
-        let pad_id = pad_id(&tokenizer);
-        tokenizer.with_padding(None);
+        let tokenizer = load_tokenizer(files, settings.max_seq_length)?;
         Ok(Self {
             model,
             tokenizer,
-            pad_id,
             settings,
             device: device.clone(),
             batch_size: DEFAULT_BATCH_SIZE,
@@ -82,37 +79,39 @@ impl SentenceEncoder {
         self
     }
 
+    /// The BERT encoder underneath.
     pub fn model(&self) -> &BertEncoder {
         &self.model
     }
 
-    /// The tokenizer (truncating at [`max_seq_length`](Self::max_seq_length), not padding).
+    /// The tokenizer (truncating at [`max_seq_length`](Self::max_seq_length)).
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// The pipeline settings in use (pooling, normalisation, truncation).
     pub fn settings(&self) -> &SentenceConfig {
         &self.settings
     }
 
+    /// Longest input in tokens, `[CLS]` and `[SEP]` included; longer texts are truncated.
     pub fn max_seq_length(&self) -> usize {
         self.settings.max_seq_length
     }
 
+    /// The width of an embedding.
     pub fn embedding_dim(&self) -> usize {
         self.model.hidden_size()
     }
 
+    /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
     /// Tokenizes `texts` one by one: `[CLS] ... [SEP]`, truncated, unpadded.
-    pub fn tokenize(&self, texts: &[&str]) -> anyhow::Result<Vec<Encoding>> {
-        self.tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(anyhow::Error::msg)
-            .context("tokenization failed")
+    pub fn tokenize(&self, texts: &[&str]) -> anyhow::Result<Vec<Tokens>> {
+        tokenize(&self.tokenizer, texts)
     }
 
     /// Embeds `texts`: `[N, H]` in the model's dtype, row `i` for `texts[i]`.
@@ -125,16 +124,16 @@ impl SentenceEncoder {
         if texts.is_empty() {
             bail!("no sentences to encode");
         }
-        let encodings = self.tokenize(texts)?;
+        let tokens = self.tokenize(texts)?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         // Longest first, as sentence-transformers: a memory problem shows at once.
-        order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].len()));
+        order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].len()));
 
         let progress = self.progress_bar(texts.len());
         let mut pooled = Vec::with_capacity(order.len().div_ceil(self.batch_size));
         for chunk in order.chunks(self.batch_size) {
-            let batch: Vec<&Encoding> = chunk.iter().map(|&i| &encodings[i]).collect();
-            pooled.push(self.encode_encodings(&batch)?);
+            let batch: Vec<&Tokens> = chunk.iter().map(|&i| &tokens[i]).collect();
+            pooled.push(self.encode_tokens(&batch)?);
             progress.inc(chunk.len() as u64);
         }
         progress.finish_and_clear();
@@ -150,8 +149,8 @@ impl SentenceEncoder {
     }
 
     /// Embeds one batch of tokenized texts, `[B, H]`, in their order.
-    pub fn encode_encodings(&self, encodings: &[&Encoding]) -> anyhow::Result<Tensor> {
-        let batch = pad_encodings(encodings, self.pad_id, &self.device)?;
+    pub fn encode_tokens(&self, tokens: &[&Tokens]) -> anyhow::Result<Tensor> {
+        let batch = pad(tokens, pad_id(&self.tokenizer), &self.device)?;
         let hidden = self.model.forward_inference(
             &batch.input_ids,
             Some(&batch.token_type_ids),

@@ -33,14 +33,17 @@ pub struct Pass {
 }
 
 impl Pass {
+    /// Training: dropout on, every op differentiable.
     pub const TRAIN: Pass = Pass {
         dropout: true,
         differentiable: true,
     };
+    /// Evaluation with gradients: no dropout, every op differentiable.
     pub const EVAL: Pass = Pass {
         dropout: false,
         differentiable: true,
     };
+    /// Inference: no dropout, the fused no-gradient kernels where there are some.
     pub const INFERENCE: Pass = Pass {
         dropout: false,
         differentiable: false,
@@ -70,6 +73,7 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
+    /// LayerNorm over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         // Off the CPU, inference takes candle's fused kernel (no f64 path, needs
         // a contiguous input); our op is fused on the CPU either way.
@@ -98,6 +102,7 @@ pub struct Dense {
 }
 
 impl Dense {
+    /// Loads `weight` `[out, in]` and `bias` `[out]` from `vb`.
     pub fn load(in_size: usize, out_size: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get((out_size, in_size), "weight")?,
@@ -154,6 +159,7 @@ impl Dropout {
         }
     }
 
+    /// The probability of zeroing an element.
     pub fn p(&self) -> f32 {
         self.p
     }

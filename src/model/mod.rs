@@ -28,4 +28,5 @@ pub use bert::BertEncoder;
 pub use checkpoint::{load_frozen, load_trainable};
 pub use config::{load_bert_config, max_seq_length, Pooling, SentenceConfig};
 pub use encoder::SentenceEncoder;
+pub use multitask::{Freeze, Head, MultiTaskModel};
 pub use resolve::{resolve_cached, resolve_model, ModelFiles, DEFAULT_MODEL};

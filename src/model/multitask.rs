@@ -25,9 +25,38 @@ use serde::{Deserialize, Serialize};
 
 use super::bert::BertEncoder;
 use super::{load_trainable, ModelFiles};
-use crate::data::Head;
 use crate::ops::cross_entropy::{dual_head_cross_entropy_deferred, LabelCheck};
 use crate::ops::masked_mean_pool;
+
+/// One of the model's two classification heads (and the task it is trained on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Head {
+    /// Head A: emotion by default.
+    A,
+    /// Head B: sentiment by default.
+    B,
+}
+
+impl Head {
+    /// Both heads, A first (the order of the label columns and the losses).
+    pub const BOTH: [Head; 2] = [Head::A, Head::B];
+
+    /// The head's column in the `[B, 2]` label tensor (0 for A, 1 for B).
+    pub fn index(self) -> usize {
+        match self {
+            Head::A => 0,
+            Head::B => 1,
+        }
+    }
+
+    /// The head's short name, `a` or `b`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Head::A => "a",
+            Head::B => "b",
+        }
+    }
+}
 
 /// What to freeze during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +90,7 @@ impl Freeze {
         }
     }
 
+    /// Whether this setting freezes `head`'s weights.
     pub fn freezes_head(self, head: Head) -> bool {
         matches!(
             (self, head),
@@ -165,11 +195,14 @@ fn layer_of(name: &str) -> Option<usize> {
 /// Both heads' logits: `a` is `[B, classes_a]`, `b` is `[B, classes_b]`.
 #[derive(Debug, Clone)]
 pub struct Logits {
+    /// Head A's logits, `[B, classes_a]`.
     pub a: Tensor,
+    /// Head B's logits, `[B, classes_b]`.
     pub b: Tensor,
 }
 
 impl Logits {
+    /// The logits of one head.
     pub fn head(&self, head: Head) -> &Tensor {
         match head {
             Head::A => &self.a,
@@ -273,6 +306,9 @@ impl MultiTaskModel {
         device: &Device,
     ) -> anyhow::Result<Self> {
         let model = Self::new(files, num_classes, 0, dtype, device)?;
+        // SAFETY: mmap's contract: the file must not change while it is mapped.
+        // It is a checkpoint's own weights file, mapped read-only for the few
+        // reads below and unmapped before this function returns.
         let saved = unsafe { candle_core::safetensors::MmapedSafetensors::new(&files.weights) }
             .with_context(|| format!("opening {}", files.weights.display()))?;
         for head in Head::BOTH {
@@ -325,18 +361,22 @@ impl MultiTaskModel {
         })
     }
 
+    /// The shared BERT backbone.
     pub fn encoder(&self) -> &BertEncoder {
         &self.encoder
     }
 
+    /// The number of transformer layers of the backbone.
     pub fn num_layers(&self) -> usize {
         self.encoder.num_layers()
     }
 
+    /// The width of the backbone's hidden states (the heads' input).
     pub fn hidden_size(&self) -> usize {
         self.encoder.hidden_size()
     }
 
+    /// Each head's number of classes, A then B.
     pub fn num_classes(&self) -> [usize; 2] {
         self.num_classes
     }

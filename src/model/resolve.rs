@@ -25,9 +25,13 @@ const OPTIONAL: [&str; 3] = [
 /// The files of one model, all inside `dir`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFiles {
+    /// The model folder.
     pub dir: PathBuf,
+    /// Its `config.json` (the BERT configuration).
     pub config: PathBuf,
+    /// Its `model.safetensors` weights.
     pub weights: PathBuf,
+    /// Its `tokenizer.json`.
     pub tokenizer: PathBuf,
 }
 

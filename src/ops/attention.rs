@@ -35,9 +35,10 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::buffer::output_buffer;
+use super::dtype::with_gemm_dtype;
 use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
 use super::math::exp_f32;
-use super::matmul::{with_gemm_dtype, Gemm, GemmFloat, Mat};
+use super::matmul::{Gemm, GemmFloat, Mat};
 
 const OP: &str = "attention";
 
@@ -192,7 +193,7 @@ fn check_inputs(
         dims => bail!("{OP}: qkv must have rank 3 [B, T, 3H], got shape {dims:?}"),
     };
     check_heads(width, heads)?;
-    crate::with_float_dtype!(OP, "qkv", qkv.dtype(), _T => Ok(()))?;
+    crate::ops::dtype::with_float_dtype!(OP, "qkv", qkv.dtype(), _T => Ok(()))?;
     if key_mask.dims() != [batch, len] {
         bail!(
             "{OP}: key_mask must have shape [{batch}, {len}] (qkv is {:?}), got {:?}",

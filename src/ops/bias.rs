@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use super::buffer::output_buffer;
 use super::dtype::FloatElem;
 use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
-use crate::with_float_dtype;
+use crate::ops::dtype::with_float_dtype;
 
 const OP: &str = "add_bias";
 

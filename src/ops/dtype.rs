@@ -1,10 +1,14 @@
 //! The one place where dtypes are dispatched.
 //!
 //! Every op writes its CPU (and CUDA) body once, generic over [`FloatElem`], and
-//! [`with_float_dtype!`] picks the instance that matches a tensor's dtype. Half
-//! types accumulate in f32, f64 accumulates in f64.
+//! `with_float_dtype!` picks the instance that matches a tensor's dtype. Half
+//! types accumulate in f32, f64 accumulates in f64. `with_gemm_dtype!` does the
+//! same for the fused matrix products (f32, f64) and `with_label_dtype!` for the
+//! integer label dtypes of the cross-entropy ([`Label`]).
 
 use candle_core::{DType, WithDType};
+
+use super::cross_entropy::IGNORE_INDEX;
 use half::{bf16, f16};
 
 /// The accumulator type of an op: f32 for f16/bf16/f32 inputs, f64 for f64.
@@ -106,8 +110,6 @@ pub fn check_float_dtype(op: &str, what: &str, dtype: DType) -> candle_core::Res
 /// ```ignore
 /// with_float_dtype!("masked_mean_pool", "hidden", dtype, T => pool_cpu::<T>(storage, layout))
 /// ```
-#[macro_export]
-#[doc(hidden)]
 macro_rules! with_float_dtype {
     ($op:expr, $what:expr, $dtype:expr, $T:ident => $body:expr) => {
         match $dtype {
@@ -131,4 +133,94 @@ macro_rules! with_float_dtype {
         }
     };
 }
-pub use with_float_dtype;
+pub(crate) use with_float_dtype;
+
+/// Runs `$body` with `$T` bound to the Rust type of `$dtype` when it is f32
+/// or f64 (the dtypes of `matmul::GemmFloat`); any other is an `Err` naming `$op`
+/// and the input `$what`.
+macro_rules! with_gemm_dtype {
+    ($op:expr, $what:expr, $dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            ::candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            ::candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            other => Err($crate::ops::dtype::unsupported_dtype($op, $what, other)),
+        }
+    };
+}
+pub(crate) use with_gemm_dtype;
+
+pub(crate) fn bad_label_dtype(dtype: DType) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "dual_head_cross_entropy: labels must have an integer dtype (i64, i32, i16, u32 or u8), got {dtype:?}"
+    ))
+}
+
+pub(crate) fn check_label_dtype(dtype: DType) -> candle_core::Result<()> {
+    match dtype {
+        DType::I64 | DType::I32 | DType::I16 | DType::U32 | DType::U8 => Ok(()),
+        other => Err(bad_label_dtype(other)),
+    }
+}
+
+/// An integer label dtype and the value that marks "no label for this head".
+pub(crate) trait Label: WithDType {
+    /// -100 for signed dtypes; the maximum value for unsigned ones.
+    const IGNORE: Self;
+    fn to_i64(self) -> i64;
+}
+
+macro_rules! label {
+    ($t:ty, $ignore:expr) => {
+        impl Label for $t {
+            const IGNORE: Self = $ignore;
+            #[inline(always)]
+            fn to_i64(self) -> i64 {
+                self as i64
+            }
+        }
+    };
+}
+
+label!(i64, IGNORE_INDEX);
+label!(i32, IGNORE_INDEX as i32);
+label!(i16, IGNORE_INDEX as i16);
+label!(u32, u32::MAX);
+label!(u8, u8::MAX);
+
+/// Runs `$body` with `$L` bound to the Rust type of an integer label `$dtype`;
+/// any other dtype (floats included) is an `Err`. The label counterpart of
+/// `with_float_dtype!`.
+macro_rules! with_label_dtype {
+    ($dtype:expr, $L:ident => $body:expr) => {
+        match $dtype {
+            ::candle_core::DType::I64 => {
+                type $L = i64;
+                $body
+            }
+            ::candle_core::DType::I32 => {
+                type $L = i32;
+                $body
+            }
+            ::candle_core::DType::I16 => {
+                type $L = i16;
+                $body
+            }
+            ::candle_core::DType::U32 => {
+                type $L = u32;
+                $body
+            }
+            ::candle_core::DType::U8 => {
+                type $L = u8;
+                $body
+            }
+            other => Err($crate::ops::dtype::bad_label_dtype(other)),
+        }
+    };
+}
+pub(crate) use with_label_dtype;

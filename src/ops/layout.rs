@@ -40,6 +40,8 @@ impl<const N: usize> View<N> {
         N == 0 || self.strides[N - 1] == 1 || self.dims[N - 1] <= 1
     }
 
+    /// The number of elements the view spans (the launch plans size buffers by it).
+    #[cfg(any(feature = "cuda", feature = "host-kernels"))]
     pub fn elem_count(&self) -> usize {
         self.dims.iter().product()
     }

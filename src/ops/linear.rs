@@ -19,8 +19,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::buffer::output_buffer;
+use super::dtype::with_gemm_dtype;
 use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
-use super::matmul::{with_gemm_dtype, Gemm, GemmFloat, Mat};
+use super::matmul::{Gemm, GemmFloat, Mat};
 
 const OP: &str = "linear";
 
@@ -87,7 +88,7 @@ fn check_inputs(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
     check_same_dtype(OP, ("x", x), ("bias", bias))?;
     check_same_device(OP, ("x", x), ("weight", weight))?;
     check_same_device(OP, ("x", x), ("bias", bias))?;
-    crate::with_float_dtype!(OP, "x", x.dtype(), _T => Ok(()))
+    crate::ops::dtype::with_float_dtype!(OP, "x", x.dtype(), _T => Ok(()))
 }
 
 fn forward_cpu<F: GemmFloat>(

@@ -3,26 +3,6 @@
 //! something else: the output can be written in place (no zero-filled
 //! temporary), start from a bias, or be a column block of a larger tensor.
 
-/// Runs `$body` with `$T` bound to the Rust type of `$dtype` when it is f32
-/// or f64 (the dtypes of [`GemmFloat`]); any other is an `Err` naming `$op`
-/// and the input `$what`.
-macro_rules! with_gemm_dtype {
-    ($op:expr, $what:expr, $dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            ::candle_core::DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            ::candle_core::DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            other => Err($crate::ops::dtype::unsupported_dtype($op, $what, other)),
-        }
-    };
-}
-pub(crate) use with_gemm_dtype;
-
 /// The float types the fused products take: gemm's f32 and f64.
 pub(crate) trait GemmFloat:
     num_traits::Float + candle_core::WithDType + Send + Sync + 'static

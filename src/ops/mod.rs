@@ -3,10 +3,17 @@
 //!
 //! | op | file | kernel |
 //! | --- | --- | --- |
-//! | [`masked_mean_pool`] | `mean_pool.rs` | `kernels/mean_pool.cu` |
-//! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`] | `cosine.rs` | `kernels/cosine.cu` |
-//! | [`dual_head_cross_entropy`] | `cross_entropy.rs` | `kernels/cross_entropy.cu` |
+//! | [`masked_mean_pool`] | `mean_pool/` | `kernels/mean_pool.cu` |
+//! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`] | `cosine/` | `kernels/cosine.cu` |
+//! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
 //!
+//! Each op folder has the same three files: `mod.rs` (the public function, its
+//! input checks and the `CustomOp`), `cpu.rs` (the CPU path) and `cuda.rs` (the
+//! launch plans of its kernels, run by cudarc on a GPU or by the host harness in
+//! tests). The helpers they share (`dtype`: dtype dispatch; `layout`: strided
+//! views and checks; `math`: vectorisable `exp`/`ln`; `buffer`; `launch`) are
+//! private to the crate, except [`launch`] and [`host`], which the kernel tests
+//! drive directly.
 //!
 //! The encoder's training path adds CPU ops with a fused backward where
 //! candle's composed ops are slow on the CPU ([`layer_norm`], [`add_bias`],
@@ -22,19 +29,19 @@ pub mod bias;
 mod buffer;
 pub mod cosine;
 pub mod cross_entropy;
-pub mod dtype;
+pub(crate) mod dtype;
 pub mod gelu;
 pub mod layer_norm;
-pub mod layout;
+pub(crate) mod layout;
 pub mod linear;
-pub mod math;
+pub(crate) mod math;
 mod matmul;
 pub mod mean_pool;
 pub mod reference;
 pub mod softmax;
 
 #[cfg(feature = "cuda")]
-pub mod cuda;
+pub(crate) mod cuda;
 #[cfg(feature = "host-kernels")]
 pub mod host;
 #[cfg(any(feature = "cuda", feature = "host-kernels"))]

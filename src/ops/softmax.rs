@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::buffer::output_buffer;
 use super::layout::contiguous_slice;
 use super::math::exp_f32;
-use crate::with_float_dtype;
+use crate::ops::dtype::with_float_dtype;
 
 const OP: &str = "softmax_last_dim";
 

@@ -100,12 +100,21 @@ pub fn locate(path: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
-/// Loads the model, tokenizer and run information of a checkpoint (see [`locate`]).
-pub fn load(path: &Path, device: &Device) -> anyhow::Result<LoadedCheckpoint> {
+/// Loads the model, tokenizer and run information of a checkpoint (see
+/// [`locate`]), in `dtype` when given, else in the dtype it was trained in.
+pub fn load(
+    path: &Path,
+    device: &Device,
+    dtype: Option<DType>,
+) -> anyhow::Result<LoadedCheckpoint> {
     let dir = locate(path)?;
     let info: RunInfo = read_json(&dir.join(RUN_FILE))?;
     let files = model_files(&dir);
-    let model = MultiTaskModel::load(&files, info.num_classes(), info.dtype()?, device)?;
+    let dtype = match dtype {
+        Some(dtype) => dtype,
+        None => info.dtype()?,
+    };
+    let model = MultiTaskModel::load(&files, info.num_classes(), dtype, device)?;
     let tokenizer = load_tokenizer(&files, info.max_len)?;
     Ok(LoadedCheckpoint {
         dir,

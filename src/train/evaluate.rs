@@ -1,11 +1,18 @@
-//! Inference over tokenised examples and the per-task evaluation of a split.
+//! Inference over tokenised examples, the per-task evaluation of a split, and
+//! a saved checkpoint's evaluation and predictions (what `sentence-mtl eval`
+//! and `predict` print).
+
+use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::LoadedCheckpoint;
 use super::metrics::{ConfusionMatrix, TaskMetrics};
-use crate::data::{collate, Example, Head, Split, TaskData};
-use crate::model::multitask::{Freeze, MultiTaskModel};
+use crate::data::{collate, tokenize_split, Example, Split, TaskData};
+use crate::model::multitask::{Freeze, Head, MultiTaskModel};
+use crate::model::tokenize::{pad_id, tokenize};
 
 /// Both heads' class probabilities for each row, in input order.
 ///
@@ -19,15 +26,15 @@ pub fn predict_probabilities(
     device: &Device,
 ) -> anyhow::Result<Vec<[Vec<f32>; 2]>> {
     let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].input_ids.len());
+    order.sort_by_key(|&i| rows[i].tokens.len());
     let mut out = vec![[Vec::new(), Vec::new()]; rows.len()];
     for chunk in order.chunks(batch_size.max(1)) {
         let batch_rows: Vec<&Example> = chunk.iter().map(|&i| rows[i]).collect();
         let batch = collate(&batch_rows, pad_id, device)?;
         let logits = model.forward(
-            &batch.input_ids,
-            Some(&batch.token_type_ids),
-            &batch.attention_mask,
+            &batch.inputs.input_ids,
+            Some(&batch.inputs.token_type_ids),
+            &batch.inputs.attention_mask,
             false,
             Freeze::All,
         )?;
@@ -111,4 +118,111 @@ pub fn evaluate_split(
         split,
         tasks: [eval_task(Head::A)?, eval_task(Head::B)?],
     })
+}
+
+/// Scores a loaded checkpoint's heads on a split of their tasks, read from
+/// `data` (one folder per task, named as in training). The tasks' label names
+/// must be the checkpoint's.
+pub fn evaluate_checkpoint(
+    loaded: &LoadedCheckpoint,
+    data: &Path,
+    split: Split,
+    batch_size: usize,
+    device: &Device,
+) -> anyhow::Result<EvalReport> {
+    let info = &loaded.info;
+    let tasks = [
+        TaskData::open(data.join(&info.tasks[0]))?,
+        TaskData::open(data.join(&info.tasks[1]))?,
+    ];
+    for (task, names) in tasks.iter().zip(&info.label_names) {
+        anyhow::ensure!(
+            &task.label_names == names,
+            "{}: labels {:?} differ from the checkpoint's {:?}",
+            task.dir.join("mapping.txt").display(),
+            task.label_names,
+            names
+        );
+    }
+    let examples = [
+        tokenize_split(&loaded.tokenizer, &tasks[0].load(split)?, Head::A)?,
+        tokenize_split(&loaded.tokenizer, &tasks[1].load(split)?, Head::B)?,
+    ];
+    let pad = pad_id(&loaded.tokenizer);
+    evaluate_split(
+        &loaded.model,
+        split,
+        [&examples[0], &examples[1]],
+        &tasks,
+        pad,
+        batch_size,
+        device,
+    )
+}
+
+/// One head's answer for one sentence.
+#[derive(Debug, Serialize)]
+pub struct HeadPrediction {
+    /// The most probable class.
+    pub label: String,
+    /// Each class's probability, by name.
+    pub probabilities: BTreeMap<String, f32>,
+}
+
+/// Both heads' answers for one sentence.
+#[derive(Debug, Serialize)]
+pub struct Prediction {
+    /// The sentence.
+    pub text: String,
+    /// By task name (e.g. `emotion`, `sentiment`).
+    #[serde(flatten)]
+    pub heads: BTreeMap<String, HeadPrediction>,
+}
+
+/// Both heads' predictions for each sentence, in input order.
+pub fn predict(
+    loaded: &LoadedCheckpoint,
+    sentences: &[String],
+    batch_size: usize,
+    device: &Device,
+) -> anyhow::Result<Vec<Prediction>> {
+    let info = &loaded.info;
+    let examples: Vec<Example> = tokenize(&loaded.tokenizer, sentences)?
+        .into_iter()
+        // The label is unused: prediction reads both heads.
+        .map(|tokens| Example {
+            tokens,
+            head: Head::A,
+            label: 0,
+        })
+        .collect();
+    let rows: Vec<&Example> = examples.iter().collect();
+    let probs = predict_probabilities(
+        &loaded.model,
+        &rows,
+        pad_id(&loaded.tokenizer),
+        batch_size,
+        device,
+    )?;
+    Ok(sentences
+        .iter()
+        .zip(probs)
+        .map(|(text, probs)| {
+            let heads = Head::BOTH
+                .map(|head| {
+                    let (p, names) = (&probs[head.index()], &info.label_names[head.index()]);
+                    let prediction = HeadPrediction {
+                        label: names[argmax(p)].clone(),
+                        probabilities: names.iter().cloned().zip(p.iter().copied()).collect(),
+                    };
+                    (info.tasks[head.index()].clone(), prediction)
+                })
+                .into_iter()
+                .collect();
+            Prediction {
+                text: text.clone(),
+                heads,
+            }
+        })
+        .collect())
 }

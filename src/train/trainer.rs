@@ -21,7 +21,6 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::checkpoint::{self, RunInfo};
@@ -29,15 +28,14 @@ use super::config::TrainConfig;
 use super::evaluate::{argmax, evaluate_split, predict_probabilities, EvalReport};
 use super::metrics::TaskMetrics;
 use super::optim::{AdamW, ParamGroup};
-use super::plots;
+use super::records::{self, EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState};
 use super::schedule::LrSchedule;
-use crate::data::batch::pad_id;
 use crate::data::sampler::epoch_rng;
 use crate::data::{
-    collate, epoch_batches, tokenize_split, Example, ExampleRef, Head, Split, TaskData, TaskSplit,
+    collate, epoch_batches, tokenize_split, Example, ExampleRef, Split, TaskData, TaskSplit,
 };
-use crate::model::multitask::{Freeze, MultiTaskModel};
-use crate::model::tokenize::load_tokenizer;
+use crate::model::multitask::{Head, MultiTaskModel};
+use crate::model::tokenize::{load_tokenizer, pad_id};
 use crate::model::{resolve_model, ModelFiles};
 
 /// Both tasks' folders and the splits training reads, validated.
@@ -46,81 +44,6 @@ pub struct PreparedData {
     pub tasks: [TaskData; 2],
     pub train: [TaskSplit; 2],
     pub val: [TaskSplit; 2],
-}
-
-/// One optimiser step's record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepRecord {
-    /// Steps taken, this one included.
-    pub step: usize,
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Each head's loss on the batch; `None` when no row was labelled for it.
-    /// (The records are f32, which JSON carries exactly, so that a resumed run's
-    /// history equals an uninterrupted one's.)
-    pub loss: [Option<f32>; 2],
-    pub total: f32,
-    /// The learning-rate factor this step used.
-    pub lr_factor: f32,
-    /// The global gradient norm before clipping (measured when clipping).
-    pub grad_norm: Option<f32>,
-}
-
-/// One epoch's record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochRecord {
-    /// 1-based.
-    pub epoch: usize,
-    pub global_step: usize,
-    /// Each head's mean batch loss over the epoch.
-    pub train_loss: [Option<f64>; 2],
-    pub val: [TaskMetrics; 2],
-    pub val_loss: [f64; 2],
-    /// Wall time of the epoch's training steps (validation excluded).
-    pub train_seconds: f64,
-}
-
-/// What a checkpoint remembers of the run.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TrainState {
-    pub global_step: usize,
-    pub steps: Vec<StepRecord>,
-    pub epochs: Vec<EpochRecord>,
-    /// Wall time of all training steps so far.
-    pub train_seconds: f64,
-}
-
-/// Overfit mode's outcome.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OverfitReport {
-    pub batch_size: usize,
-    /// Each head's accuracy on its rows of the batch before training.
-    pub initial_accuracy: [f64; 2],
-    /// The step after which both heads classified the whole batch right.
-    pub memorised_at: Option<usize>,
-    pub steps: usize,
-    /// Each head's accuracy on its rows of the batch after each step (eval mode).
-    pub accuracy: Vec<[f64; 2]>,
-    pub loss: Vec<[Option<f32>; 2]>,
-}
-
-/// The outcome of `train()`, printed as one JSON line by `sentence-mtl train`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainReport {
-    pub tasks: [String; 2],
-    pub freeze: Freeze,
-    pub steps: usize,
-    pub epochs_completed: usize,
-    /// `max_steps` stopped the run before its last epoch ended.
-    pub stopped_early: bool,
-    pub train_seconds: f64,
-    pub seconds_per_step: Option<f64>,
-    /// Validation metrics after the last completed epoch, by task.
-    pub val: Option<BTreeMap<String, TaskMetrics>>,
-    /// Test metrics at the end, by task.
-    pub test: Option<BTreeMap<String, TaskMetrics>>,
-    pub overfit: Option<OverfitReport>,
-    pub checkpoint: Option<PathBuf>,
 }
 
 /// The model, data and optimiser of a run, built by `setup()`.
@@ -228,8 +151,8 @@ impl MultiTaskTrainer {
         let tokenizer = load_tokenizer(&model_files, config.max_len)?;
         let tokenize = |splits: &[TaskSplit; 2]| -> anyhow::Result<[Vec<Example>; 2]> {
             Ok([
-                tokenize_split(&tokenizer, &splits[0], Head::A, config.max_len)?,
-                tokenize_split(&tokenizer, &splits[1], Head::B, config.max_len)?,
+                tokenize_split(&tokenizer, &splits[0], Head::A)?,
+                tokenize_split(&tokenizer, &splits[1], Head::B)?,
             ])
         };
         let (train, val) = (tokenize(&data.train)?, tokenize(&data.val)?);
@@ -389,8 +312,8 @@ impl MultiTaskTrainer {
             Split::Test => {
                 let splits = [data.tasks[0].load(split)?, data.tasks[1].load(split)?];
                 loaded = [
-                    tokenize_split(&run.tokenizer, &splits[0], Head::A, self.config.max_len)?,
-                    tokenize_split(&run.tokenizer, &splits[1], Head::B, self.config.max_len)?,
+                    tokenize_split(&run.tokenizer, &splits[0], Head::A)?,
+                    tokenize_split(&run.tokenizer, &splits[1], Head::B)?,
                 ];
                 [&loaded[0], &loaded[1]]
             }
@@ -468,7 +391,7 @@ impl MultiTaskTrainer {
             report.checkpoint = checkpoint::find(&out.join(checkpoint::CHECKPOINT_DIR));
             checkpoint::write_json(&out.join("metrics.json"), &report)?;
             let run = self.run_ref()?;
-            if let Err(e) = plots::training_plots(
+            if let Err(e) = records::training_plots(
                 &out,
                 &self.config.tasks,
                 &run.state,
@@ -751,9 +674,9 @@ fn step_on(
         .encoder()
         .seed_dropout(dropout_seed(config.seed, run.state.global_step));
     let logits = run.model.forward(
-        &batch.input_ids,
-        Some(&batch.token_type_ids),
-        &batch.attention_mask,
+        &batch.inputs.input_ids,
+        Some(&batch.inputs.token_type_ids),
+        &batch.inputs.attention_mask,
         true,
         config.freeze,
     )?;

@@ -73,7 +73,7 @@ use cpu::Rows;
 use super::buffer::output_buffer;
 use super::dtype::{check_float_dtype, Accum, FloatElem};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
-use crate::with_float_dtype;
+use crate::ops::dtype::with_float_dtype;
 
 /// The clamp on norms: `F.normalize`'s default `eps`.
 pub const EPS: f64 = 1e-12;

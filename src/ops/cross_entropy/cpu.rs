@@ -373,11 +373,15 @@ struct Partial<A> {
     count: [usize; 2],
 }
 
+/// The tile loop over one chunk of rows: loss sums and counts per head, and,
+/// when a sink is given (the chunk's rows of each head's gradient),
+/// `softmax − onehot` written into it.
 fn forward_rows<T: FloatElem, L: Label>(
     rows: std::ops::Range<usize>,
     dims: Dims,
     logits: &[Logits<'_, T>; 2],
     labels: &Labels<'_, L>,
+    mut grads: Option<[&mut [T::Acc]; 2]>,
 ) -> Result<Partial<T::Acc>>
 where
     T::Acc: ExpLnInPlace,
@@ -394,9 +398,57 @@ where
             let (loss, count) = tile.loss_and_count();
             part.loss[head] += loss;
             part.count[head] += count;
+            if let Some(outs) = grads.as_mut() {
+                let classes = dims.classes[head];
+                let out =
+                    &mut outs[head][(start - rows.start) * classes..][..tile.sums.len() * classes];
+                with_small_classes!(classes, c => tile.write_grads(out, c));
+            }
         }
     }
     Ok(part)
+}
+
+/// Runs [`forward_rows`] on every chunk (in parallel for large batches), each
+/// chunk with its rows of `grads` when given, and sums the partials in chunk
+/// order, so the result does not depend on the number of threads.
+fn forward_chunks<T: FloatElem, L: Label>(
+    dims: Dims,
+    logits: &[Logits<'_, T>; 2],
+    labels: &Labels<'_, L>,
+    grads: Option<&mut [T::Acc]>,
+) -> Result<([T; 2], [usize; 2])>
+where
+    T::Acc: ExpLnInPlace,
+{
+    let step = chunk_rows(dims);
+    let sinks: Vec<Option<[&mut [T::Acc]; 2]>> = match grads {
+        Some(grads) => {
+            let (grad_a, grad_b) = grads.split_at_mut(dims.n * dims.classes[0]);
+            grad_a
+                .chunks_mut(step * dims.classes[0])
+                .zip(grad_b.chunks_mut(step * dims.classes[1]))
+                .map(|(a, b)| Some([a, b]))
+                .collect()
+        }
+        None => (0..dims.n.div_ceil(step)).map(|_| None).collect(),
+    };
+    let work: Vec<_> = chunks(dims).into_iter().zip(sinks).collect();
+    let chunk = |(rows, sink)| forward_rows(rows, dims, logits, labels, sink);
+    let partials: Result<Vec<Partial<T::Acc>>> = if run_parallel(dims) {
+        work.into_par_iter().map(chunk).collect()
+    } else {
+        work.into_iter().map(chunk).collect()
+    };
+    let partials = match partials {
+        Ok(partials) => partials,
+        Err(e) => {
+            // Chunks fail in any order: report the first bad label.
+            labels.first_error(dims)?;
+            return Err(e);
+        }
+    };
+    Ok(mean_losses::<T>(partials))
 }
 
 /// The two mean losses (in `T`) and the labelled-row counts.
@@ -408,22 +460,7 @@ pub(super) fn forward_cpu<T: FloatElem, L: Label>(
 where
     T::Acc: ExpLnInPlace,
 {
-    let chunk = |rows| forward_rows(rows, dims, logits, labels);
-    // Partials come back in chunk order and are summed in that order, so the
-    // sum does not depend on the number of threads.
-    let partials: Result<Vec<Partial<T::Acc>>> = if run_parallel(dims) {
-        chunks(dims).into_par_iter().map(chunk).collect()
-    } else {
-        chunks(dims).into_iter().map(chunk).collect()
-    };
-    let partials = match partials {
-        Ok(partials) => partials,
-        Err(e) => {
-            labels.first_error(dims)?;
-            return Err(e);
-        }
-    };
-    Ok(mean_losses::<T>(partials))
+    forward_chunks(dims, logits, labels, None)
 }
 
 /// Sums the partials in order (the same result for any thread count) into the
@@ -459,56 +496,8 @@ pub(super) fn forward_with_grads_cpu<T: FloatElem, L: Label>(
 where
     T::Acc: ExpLnInPlace + WithDType,
 {
-    // SAFETY: the chunks below write every row of both heads (tile by tile).
+    // SAFETY: the tile loop writes every row of both heads (tile by tile).
     let mut grads = unsafe { output_buffer::<T::Acc>(grad_len(dims)) };
-    let (grad_a, grad_b) = grads.split_at_mut(dims.n * dims.classes[0]);
-    let chunk = |(rows, outs): (std::ops::Range<usize>, [&mut [T::Acc]; 2])| {
-        let mut part = Partial {
-            loss: [T::Acc::zero(); 2],
-            count: [0; 2],
-        };
-        let mut tile = Tile::new();
-        for start in rows.clone().step_by(tile_rows(dims)) {
-            let tile_rows = start..(start + tile_rows(dims)).min(rows.end);
-            for (head, logits) in logits.iter().enumerate() {
-                let classes = dims.classes[head];
-                tile.fill(tile_rows.clone(), head, logits, labels)?;
-                let (loss, count) = tile.loss_and_count();
-                part.loss[head] += loss;
-                part.count[head] += count;
-                let out =
-                    &mut outs[head][(start - rows.start) * classes..][..tile.sums.len() * classes];
-                with_small_classes!(classes, c => tile.write_grads(out, c));
-            }
-        }
-        Ok(part)
-    };
-    let step = chunk_rows(dims);
-    let (step_a, step_b) = (step * dims.classes[0], step * dims.classes[1]);
-    let partials: Result<Vec<Partial<T::Acc>>> = if run_parallel(dims) {
-        chunks(dims)
-            .into_par_iter()
-            .zip(
-                grad_a
-                    .par_chunks_mut(step_a)
-                    .zip(grad_b.par_chunks_mut(step_b)),
-            )
-            .map(|(rows, (a, b))| chunk((rows, [a, b])))
-            .collect()
-    } else {
-        chunks(dims)
-            .into_iter()
-            .zip(grad_a.chunks_mut(step_a).zip(grad_b.chunks_mut(step_b)))
-            .map(|(rows, (a, b))| chunk((rows, [a, b])))
-            .collect()
-    };
-    let partials = match partials {
-        Ok(partials) => partials,
-        Err(e) => {
-            labels.first_error(dims)?;
-            return Err(e);
-        }
-    };
-    let (losses, counts) = mean_losses::<T>(partials);
+    let (losses, counts) = forward_chunks(dims, logits, labels, Some(&mut grads))?;
     Ok((losses, counts, grads))
 }

@@ -39,10 +39,12 @@ use num_traits::Zero;
 use rayon::prelude::*;
 
 use super::buffer::output_buffer;
-use super::dtype::{check_float_dtype, Accum, FloatElem};
+use super::dtype::{
+    check_float_dtype, check_label_dtype, with_label_dtype, Accum, FloatElem, Label,
+};
 use super::layout::{check_rank, check_same_device, check_same_dtype, View};
 use super::math::{exp_f32, ln_f32};
-use crate::with_float_dtype;
+use crate::ops::dtype::with_float_dtype;
 
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "host-kernels"))]
@@ -259,75 +261,6 @@ impl Dims {
         let labels = View::<2>::new(OP, "labels", ll)?;
         Ok((Self::of(&a.dims, &b.dims, &labels.dims)?, [a, b], labels))
     }
-}
-
-fn bad_label_dtype(dtype: DType) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{OP}: labels must have an integer dtype (i64, i32, i16, u32 or u8), got {dtype:?}"
-    ))
-}
-
-fn check_label_dtype(dtype: DType) -> Result<()> {
-    match dtype {
-        DType::I64 | DType::I32 | DType::I16 | DType::U32 | DType::U8 => Ok(()),
-        other => Err(bad_label_dtype(other)),
-    }
-}
-
-/// An integer label dtype and the value that marks "no label for this head".
-pub(crate) trait Label: WithDType {
-    /// -100 for signed dtypes; the maximum value for unsigned ones.
-    const IGNORE: Self;
-    fn to_i64(self) -> i64;
-}
-
-macro_rules! label {
-    ($t:ty, $ignore:expr) => {
-        impl Label for $t {
-            const IGNORE: Self = $ignore;
-            #[inline(always)]
-            fn to_i64(self) -> i64 {
-                self as i64
-            }
-        }
-    };
-}
-
-label!(i64, IGNORE_INDEX);
-label!(i32, IGNORE_INDEX as i32);
-label!(i16, IGNORE_INDEX as i16);
-label!(u32, u32::MAX);
-label!(u8, u8::MAX);
-
-/// Runs `$body` with `$L` bound to the Rust type of an integer label `$dtype`;
-/// any other dtype (floats included) is an `Err`. The label counterpart of
-/// `with_float_dtype!`, private to this op.
-macro_rules! with_label_dtype {
-    ($dtype:expr, $L:ident => $body:expr) => {
-        match $dtype {
-            DType::I64 => {
-                type $L = i64;
-                $body
-            }
-            DType::I32 => {
-                type $L = i32;
-                $body
-            }
-            DType::I16 => {
-                type $L = i16;
-                $body
-            }
-            DType::U32 => {
-                type $L = u32;
-                $body
-            }
-            DType::U8 => {
-                type $L = u8;
-                $body
-            }
-            other => Err(bad_label_dtype(other)),
-        }
-    };
 }
 
 const HEAD_NAMES: [&str; 2] = [

@@ -21,7 +21,7 @@ use cpu::{backward_cpu, cpu_flags, forward_cpu};
 
 use super::dtype::check_float_dtype;
 use super::layout::{check_rank, check_same_device, View};
-use crate::with_float_dtype;
+use crate::ops::dtype::with_float_dtype;
 
 const OP: &str = "masked_mean_pool";
 

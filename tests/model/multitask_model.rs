@@ -3,15 +3,16 @@
 //! freezing setting leaves its frozen parameters bit-identical (no gradient is
 //! even computed for them) while the trainable ones change.
 
-mod train_support;
+use crate::train_support;
 
 use std::collections::BTreeSet;
 
 use candle_core::{DType, Device};
-use sentence_mtl::data::{collate, tokenize_split, Example, Head, Split, TaskData};
+use sentence_mtl::data::{collate, tokenize_split, Example, Split, TaskData};
 use sentence_mtl::model::multitask::{Freeze, MultiTaskModel};
 use sentence_mtl::model::resolve_model;
 use sentence_mtl::model::tokenize::load_tokenizer;
+use sentence_mtl::model::Head;
 use sentence_mtl::train::{MultiTaskTrainer, TrainConfig};
 use train_support::{snapshot, temp_dir, tiny_config, tiny_data, tiny_model};
 
@@ -31,7 +32,7 @@ fn model_and_rows(
             .unwrap()
             .load(Split::Train)
             .unwrap();
-        tokenize_split(&tok, &split, head, 16).unwrap()
+        tokenize_split(&tok, &split, head).unwrap()
     });
     (model, rows, root)
 }
@@ -43,9 +44,9 @@ fn losses(
     let batch = collate(rows, 0, &Device::Cpu).unwrap();
     let logits = model
         .forward(
-            &batch.input_ids,
-            Some(&batch.token_type_ids),
-            &batch.attention_mask,
+            &batch.inputs.input_ids,
+            Some(&batch.inputs.token_type_ids),
+            &batch.inputs.attention_mask,
             false,
             Freeze::None,
         )
@@ -129,9 +130,9 @@ fn frozen_parameters_get_no_gradient() {
     ] {
         let logits = model
             .forward(
-                &batch.input_ids,
-                Some(&batch.token_type_ids),
-                &batch.attention_mask,
+                &batch.inputs.input_ids,
+                Some(&batch.inputs.token_type_ids),
+                &batch.inputs.attention_mask,
                 true,
                 freeze,
             )

@@ -3,7 +3,7 @@
 //! layouts, finite differences, edge cases, composed candle ops, the MiniLM
 //! reference outputs, and bad input.
 
-mod common;
+use crate::common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};

@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 
 use candle_core::Device;
-use sentence_mtl::data::{collate, epoch_batches, Example, ExampleRef, Head, SamplerKind};
+use sentence_mtl::data::{collate, epoch_batches, Example, ExampleRef, SamplerKind};
+use sentence_mtl::model::tokenize::Tokens;
+use sentence_mtl::model::Head;
 use sentence_mtl::ops::IGNORE_INDEX;
 
 const KINDS: [SamplerKind; 2] = [SamplerKind::Proportional, SamplerKind::RoundRobin];
@@ -101,29 +103,35 @@ fn shuffling_is_seeded_and_differs_by_epoch() {
 fn collate_pads_to_the_longest_and_ignores_the_other_head() {
     let rows = [
         Example {
-            input_ids: vec![101, 7, 102],
-            type_ids: vec![0; 3],
+            tokens: Tokens {
+                input_ids: vec![101, 7, 102],
+                type_ids: vec![0; 3],
+            },
             head: Head::A,
             label: 3,
         },
         Example {
-            input_ids: vec![101, 8, 9, 10, 102],
-            type_ids: vec![0; 5],
+            tokens: Tokens {
+                input_ids: vec![101, 8, 9, 10, 102],
+                type_ids: vec![0; 5],
+            },
             head: Head::B,
             label: 2,
         },
         Example {
-            input_ids: vec![101, 102],
-            type_ids: vec![0; 2],
+            tokens: Tokens {
+                input_ids: vec![101, 102],
+                type_ids: vec![0; 2],
+            },
             head: Head::B,
             label: 0,
         },
     ];
     let refs: Vec<&Example> = rows.iter().collect();
     let batch = collate(&refs, 0, &Device::Cpu).unwrap();
-    assert_eq!(batch.input_ids.dims(), &[3, 5]);
+    assert_eq!(batch.inputs.input_ids.dims(), &[3, 5]);
     assert_eq!(
-        batch.input_ids.to_vec2::<u32>().unwrap(),
+        batch.inputs.input_ids.to_vec2::<u32>().unwrap(),
         vec![
             vec![101, 7, 102, 0, 0],
             vec![101, 8, 9, 10, 102],
@@ -131,7 +139,7 @@ fn collate_pads_to_the_longest_and_ignores_the_other_head() {
         ]
     );
     assert_eq!(
-        batch.attention_mask.to_vec2::<u32>().unwrap(),
+        batch.inputs.attention_mask.to_vec2::<u32>().unwrap(),
         vec![
             vec![1, 1, 1, 0, 0],
             vec![1, 1, 1, 1, 1],

@@ -5,7 +5,7 @@
 //! with and without a dropout multiplier; a finite-difference check of the
 //! fused backward; padding keys that cannot leak; and bad input.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use common::{random_tensor, rng, strided_view, values, FLOAT_DTYPES, STRIDED_KINDS};

@@ -3,14 +3,15 @@
 //! saved checkpoint predicts exactly what the trained model predicts, and a run
 //! stopped and resumed ends where an uninterrupted run ends.
 
-mod train_support;
+use crate::train_support;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use sentence_mtl::cli::predict::predict;
-use sentence_mtl::data::batch::tokenize_unpadded;
-use sentence_mtl::data::{Example, Head, Split};
+use sentence_mtl::data::{Example, Split};
+use sentence_mtl::model::tokenize::tokenize;
+use sentence_mtl::model::Head;
+use sentence_mtl::train::evaluate::predict;
 use sentence_mtl::train::evaluate::predict_probabilities;
 use sentence_mtl::train::{checkpoint, MultiTaskTrainer, TrainConfig, TrainReport, TrainState};
 use train_support::{snapshot, temp_dir, tiny_config, tiny_data, tiny_model};
@@ -91,7 +92,7 @@ fn a_checkpoint_predicts_what_the_trained_model_predicts() {
         assert!(dir.join(file).is_file(), "{file} in the checkpoint");
     }
 
-    let loaded = checkpoint::load(&root.join("run"), &Device::Cpu).unwrap();
+    let loaded = checkpoint::load(&root.join("run"), &Device::Cpu, None).unwrap();
     assert_eq!(
         loaded.info.label_names[0],
         ["anger", "joy", "optimism", "sadness"]
@@ -109,12 +110,11 @@ fn a_checkpoint_predicts_what_the_trained_model_predicts() {
     ]
     .map(String::from)
     .to_vec();
-    let rows: Vec<Example> = tokenize_unpadded(&loaded.tokenizer, &texts, 16)
+    let rows: Vec<Example> = tokenize(&loaded.tokenizer, &texts)
         .unwrap()
         .into_iter()
-        .map(|(input_ids, type_ids)| Example {
-            input_ids,
-            type_ids,
+        .map(|tokens| Example {
+            tokens,
             head: Head::A,
             label: 0,
         })

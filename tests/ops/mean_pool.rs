@@ -2,7 +2,7 @@
 //! layouts and mask dtypes (proptest), edge cases, gradients (finite differences,
 //! autograd through a Var, candle's composed ops) and every bad input.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{assert_close, assert_close_tol, random_tensor, rng, strided_view, values, Strided};

@@ -4,7 +4,7 @@
 //! its own recorded backward): forward values and the gradients of every
 //! input, every dtype, contiguous and strided inputs, odd sizes; and bad input.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use common::{random_tensor, rng, strided_view, values, FLOAT_DTYPES, STRIDED_KINDS};

@@ -1,7 +1,7 @@
 //! Our encoder computes what candle-transformers' `BertModel` computes
 //! (inference, f32), on both its differentiable and its fused path.
 
-mod bert_support;
+use crate::bert_support;
 
 use bert_support::{max_diff_on_tokens, model_files};
 use candle_core::{DType, Device, Tensor};

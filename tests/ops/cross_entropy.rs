@@ -2,7 +2,7 @@
 //! shapes, dtypes, label dtypes and layouts), edge cases, gradients (finite
 //! differences, through a `Var`, against candle's composed ops) and bad input.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{

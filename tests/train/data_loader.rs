@@ -5,9 +5,7 @@ use std::path::PathBuf;
 
 use sentence_mtl::data::{DataError, Split, TaskData};
 
-#[path = "common/shared.rs"]
-mod shared;
-use shared::shared_dir;
+use crate::train_support::shared_dir;
 
 /// A task folder in a fresh temp dir, with the given files.
 fn fixture(name: &str, files: &[(&str, &str)]) -> PathBuf {

@@ -1,6 +1,6 @@
 //! Bad input gives a clear error or a defined result, never a panic.
 
-mod bert_support;
+use crate::bert_support;
 
 use std::path::PathBuf;
 
@@ -118,7 +118,7 @@ fn empty_and_odd_texts() {
     let long = "word ".repeat(2000);
     let tokens = encoder.tokenize(&[&long]).unwrap();
     assert_eq!(tokens[0].len(), 256);
-    assert_eq!(tokens[0].get_ids().last(), Some(&102));
+    assert_eq!(tokens[0].input_ids.last(), Some(&102));
     let truncated = "word ".repeat(254);
     let both = encoder.encode(&[&long, &truncated]).unwrap();
     let diff = (both.get(0).unwrap() - both.get(1).unwrap())

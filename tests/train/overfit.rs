@@ -3,7 +3,7 @@
 //! memorised (100% on both heads) within a fixed number of steps. PyTorch needed
 //! 2 steps of 30 at lr 1e-4 on such a batch; we allow 15.
 
-mod train_support;
+use crate::train_support;
 
 use candle_core::{DType, Device};
 use sentence_mtl::train::{MultiTaskTrainer, OverfitConfig, TrainConfig};

@@ -2,7 +2,7 @@
 //! them where asked, dropout is real in training and off otherwise, and the
 //! differentiable path computes what the fast inference path computes.
 
-mod bert_support;
+use crate::bert_support;
 
 use bert_support::{max_diff_on_tokens, model_files};
 use candle_core::{DType, Device, Tensor, Var};

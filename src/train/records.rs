@@ -1,0 +1,219 @@
+//! What a run records (each step, each epoch, overfit mode, the final report)
+//! and the training plots drawn from those records with [`crate::plots`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::metrics::TaskMetrics;
+use crate::model::Freeze;
+use crate::plots::{line_chart, moving_average, Series};
+
+/// One optimiser step's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Steps taken, this one included.
+    pub step: usize,
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Each head's loss on the batch; `None` when no row was labelled for it.
+    /// (The records are f32, which JSON carries exactly, so that a resumed run's
+    /// history equals an uninterrupted one's.)
+    pub loss: [Option<f32>; 2],
+    pub total: f32,
+    /// The learning-rate factor this step used.
+    pub lr_factor: f32,
+    /// The global gradient norm before clipping (measured when clipping).
+    pub grad_norm: Option<f32>,
+}
+
+/// One epoch's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: usize,
+    pub global_step: usize,
+    /// Each head's mean batch loss over the epoch.
+    pub train_loss: [Option<f64>; 2],
+    pub val: [TaskMetrics; 2],
+    pub val_loss: [f64; 2],
+    /// Wall time of the epoch's training steps (validation excluded).
+    pub train_seconds: f64,
+}
+
+/// What a checkpoint remembers of the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub global_step: usize,
+    pub steps: Vec<StepRecord>,
+    pub epochs: Vec<EpochRecord>,
+    /// Wall time of all training steps so far.
+    pub train_seconds: f64,
+}
+
+/// Overfit mode's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OverfitReport {
+    pub batch_size: usize,
+    /// Each head's accuracy on its rows of the batch before training.
+    pub initial_accuracy: [f64; 2],
+    /// The step after which both heads classified the whole batch right.
+    pub memorised_at: Option<usize>,
+    pub steps: usize,
+    /// Each head's accuracy on its rows of the batch after each step (eval mode).
+    pub accuracy: Vec<[f64; 2]>,
+    pub loss: Vec<[Option<f32>; 2]>,
+}
+
+/// The outcome of `train()`, printed as one JSON line by `sentence-mtl train`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub tasks: [String; 2],
+    pub freeze: Freeze,
+    pub steps: usize,
+    pub epochs_completed: usize,
+    /// `max_steps` stopped the run before its last epoch ended.
+    pub stopped_early: bool,
+    pub train_seconds: f64,
+    pub seconds_per_step: Option<f64>,
+    /// Validation metrics after the last completed epoch, by task.
+    pub val: Option<BTreeMap<String, TaskMetrics>>,
+    /// Test metrics at the end, by task.
+    pub test: Option<BTreeMap<String, TaskMetrics>>,
+    pub overfit: Option<OverfitReport>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Writes `loss.png`, `val_metrics.png` (when an epoch ended) and, in overfit
+/// mode, `overfit_accuracy.png` into `out`; returns the files written.
+pub fn training_plots(
+    out: &Path,
+    tasks: &[String; 2],
+    state: &TrainState,
+    overfit: Option<&OverfitReport>,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    if !state.steps.is_empty() {
+        let series: Vec<Series> = (0..2)
+            .map(|h| {
+                let raw: Vec<(f64, f64)> = state
+                    .steps
+                    .iter()
+                    .filter_map(|s| s.loss[h].map(|l| (s.step as f64, l as f64)))
+                    .collect();
+                Series {
+                    label: format!("{} (head {})", tasks[h], ["A", "B"][h]),
+                    points: moving_average(&raw, (raw.len() / 50).max(1)),
+                }
+            })
+            .collect();
+        let path = out.join("loss.png");
+        line_chart(
+            &path,
+            "Training loss per head (moving average)",
+            "step",
+            "cross-entropy",
+            &series,
+        )?;
+        written.push(path);
+    }
+    if !state.epochs.is_empty() {
+        let mut series = Vec::new();
+        for (h, task) in tasks.iter().enumerate() {
+            for (metric, get) in [
+                (
+                    "accuracy",
+                    (|m: &TaskMetrics| m.accuracy) as fn(&TaskMetrics) -> f64,
+                ),
+                ("macro-F1", |m| m.macro_f1),
+                ("macro-recall", |m| m.macro_recall),
+            ] {
+                let points = state
+                    .epochs
+                    .iter()
+                    .map(|e| (e.epoch as f64, get(&e.val[h])))
+                    .collect();
+                series.push(Series {
+                    label: format!("{task} {metric}"),
+                    points,
+                });
+            }
+        }
+        let path = out.join("val_metrics.png");
+        line_chart(
+            &path,
+            "Validation metrics per epoch",
+            "epoch",
+            "score",
+            &series,
+        )?;
+        written.push(path);
+    }
+    if let Some(report) = overfit {
+        let series: Vec<Series> = (0..2)
+            .map(|h| {
+                // Step 0 is the batch before training.
+                let after_steps = report
+                    .accuracy
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| ((i + 1) as f64, a[h]));
+                let points = std::iter::once((0.0, report.initial_accuracy[h]))
+                    .chain(after_steps)
+                    .collect();
+                Series {
+                    label: format!("{} accuracy", tasks[h]),
+                    points,
+                }
+            })
+            .collect();
+        let path = out.join("overfit_accuracy.png");
+        line_chart(
+            &path,
+            "Overfit batch: accuracy after each step",
+            "step",
+            "accuracy",
+            &series,
+        )?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_plots_draw_the_loss_of_each_head() {
+        let dir = std::env::temp_dir().join(format!("sentence-mtl-records-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let steps = (1..=40)
+            .map(|step| StepRecord {
+                step,
+                epoch: 1,
+                loss: [
+                    Some(1.5 / step as f32),
+                    (step % 3 != 0).then_some(1.0 / step as f32),
+                ],
+                total: 2.0,
+                lr_factor: 1.0,
+                grad_norm: None,
+            })
+            .collect();
+        let state = TrainState {
+            global_step: 40,
+            steps,
+            epochs: Vec::new(),
+            train_seconds: 1.0,
+        };
+        let written =
+            training_plots(&dir, &["emotion".into(), "sentiment".into()], &state, None).unwrap();
+        assert_eq!(written, vec![dir.join("loss.png")]);
+        assert!(std::fs::read(&written[0]).unwrap().starts_with(b"\x89PNG"));
+
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
