@@ -14,6 +14,8 @@
 //! [`plots`] (PNG charts from plain series and matrices) stands apart: it uses
 //! no other module, and `train` and `cli` draw with it.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod data;
 pub mod model;

@@ -1,5 +1,6 @@
 //! `sentence-mtl embed`: sentences in (arguments, a file or stdin, one per
-//! line), embeddings out (JSON on stdout, or a `.npy` file).
+//! line), embeddings out (JSON on stdout, or a `.npy` file), optionally
+//! truncated (`--truncate-dim`) and quantised (`--precision`).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -8,7 +9,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 
 use super::device::DeviceArgs;
-use crate::model::{Pooling, SentenceEncoder, DEFAULT_MODEL};
+use crate::model::{
+    quantize_embeddings, Pooling, Precision, Ranges, SentenceEncoder, DEFAULT_MODEL,
+};
 
 /// Options shared by the commands that run the sentence encoder.
 #[derive(Debug, Clone, clap::Args)]
@@ -25,6 +28,10 @@ pub struct EncoderArgs {
     /// Do not L2-normalise embeddings, even if the model's pipeline does.
     #[arg(long)]
     pub no_normalize: bool,
+    /// Keep the first D values of each embedding (Matryoshka), renormalised
+    /// when the pipeline normalises.
+    #[arg(long, value_name = "D")]
+    pub truncate_dim: Option<usize>,
     /// Where the encoder runs and in which dtype.
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -43,7 +50,7 @@ impl EncoderArgs {
         if self.no_normalize {
             encoder = encoder.with_normalize(false);
         }
-        Ok(encoder)
+        encoder.with_truncate_dim(self.truncate_dim)
     }
 }
 
@@ -70,6 +77,13 @@ pub struct EmbedArgs {
     /// Output file (required for npy; JSON goes to stdout without it).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// The number type of the output (sentence-transformers' quantize_embeddings).
+    #[arg(long, value_enum, default_value_t = Precision::Float32)]
+    pub precision: Precision,
+    /// int8/uint8: a float32 [K, D] .npy of embeddings whose per-dimension
+    /// min and max set the ranges (default: the embeddings being written).
+    #[arg(long, value_name = "NPY")]
+    pub calibration: Option<PathBuf>,
     /// The encoder to run.
     #[command(flatten)]
     pub encoder: EncoderArgs,
@@ -122,20 +136,41 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         (Format::Npy, Some(path)) => Some(path),
         (Format::Json, _) => None,
     };
+    if args.calibration.is_some() && !matches!(args.precision, Precision::Int8 | Precision::Uint8) {
+        bail!("--calibration sets int8/uint8 ranges: it needs --precision int8 or uint8");
+    }
     let sentences = read_sentences(&args.sentences, args.file.as_deref())?;
     let encoder = args.encoder.load()?;
+    let ranges = match &args.calibration {
+        Some(path) => Some(read_calibration(path, encoder.embedding_dim())?),
+        None => None,
+    };
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
     let embeddings = encoder.encode(&texts)?.to_dtype(DType::F32)?;
+    let quantized = quantize_embeddings(&embeddings, args.precision, ranges.as_ref())?;
     match npy_path {
-        Some(path) => embeddings
-            .write_npy(path)
-            .with_context(|| format!("cannot write {}", path.display())),
-        None => write_json(&embeddings, args.output.as_deref()),
+        Some(path) => quantized.write_npy(path),
+        None => write_json(&quantized.to_json_rows(), args.output.as_deref()),
     }
 }
 
-fn write_json(embeddings: &Tensor, output: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let rows = embeddings.to_vec2::<f32>()?;
+/// The ranges of a `[K, dim]` float .npy of calibration embeddings.
+fn read_calibration(path: &std::path::Path, dim: usize) -> anyhow::Result<Ranges> {
+    let calibration = Tensor::read_npy(path)
+        .with_context(|| format!("cannot read calibration embeddings {}", path.display()))?;
+    if calibration.rank() != 2 || calibration.dim(1)? != dim || !calibration.dtype().is_float() {
+        bail!(
+            "{}: calibration embeddings must be a float [K, {dim}] array, got {:?} {:?}",
+            path.display(),
+            calibration.dtype(),
+            calibration.dims()
+        );
+    }
+    Ranges::from_rows(&calibration.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        .with_context(|| format!("calibration embeddings {}", path.display()))
+}
+
+fn write_json(rows: &serde_json::Value, output: Option<&std::path::Path>) -> anyhow::Result<()> {
     let mut out: Box<dyn Write> = match output {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path)
@@ -143,7 +178,7 @@ fn write_json(embeddings: &Tensor, output: Option<&std::path::Path>) -> anyhow::
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    serde_json::to_writer(&mut out, &rows)?;
+    serde_json::to_writer(&mut out, rows)?;
     writeln!(out)?;
     out.flush()?;
     Ok(())

@@ -7,6 +7,7 @@ pub mod embed;
 pub mod eval;
 pub mod predict;
 pub mod similarity;
+pub mod sts;
 pub mod train;
 
 #[derive(Debug, Parser)]
@@ -29,6 +30,8 @@ pub enum Command {
     Embed(embed::EmbedArgs),
     /// Cosine-similarity matrix of sentences (the notebook's Task 1).
     Similarity(similarity::SimilarityArgs),
+    /// Score the encoder on the STS benchmark (cosine Spearman and Pearson, x100).
+    Sts(sts::StsArgs),
     /// Train the dual-head multi-task model on TweetEval.
     Train(train::TrainArgs),
     /// Evaluate a checkpoint on a split.
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Embed(args) => embed::run(args),
         Command::Similarity(args) => similarity::run(args),
+        Command::Sts(args) => sts::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Predict(args) => predict::run(args),

@@ -27,7 +27,9 @@ pub enum SamplerKind {
 /// One example: its task (head) and its row in that task's split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExampleRef {
+    /// The task the example belongs to: head A's or head B's.
     pub head: Head,
+    /// The 0-based row in that task's split, in file order.
     pub index: usize,
 }
 

@@ -20,8 +20,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
+    /// The training split (`train_*.txt`).
     Train,
+    /// The validation split (`val_*.txt`; STS-B's `dev`), scored after every epoch.
+    #[value(alias = "dev")]
     Val,
+    /// The test split (`test_*.txt`), scored at the end of training (`test_at_end`).
     Test,
 }
 
@@ -42,43 +46,90 @@ impl std::fmt::Display for Split {
     }
 }
 
+/// Why a TweetEval task folder or one of its files could not be loaded; every
+/// variant names the file and, where it applies, the 1-based line.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// The task folder or a file it needs does not exist.
     #[error("{}: missing: {what}", path.display())]
-    Missing { path: PathBuf, what: String },
+    Missing {
+        /// The folder or file that is not there.
+        path: PathBuf,
+        /// What needed it, e.g. "the val split of task 'emotion' needs this file".
+        what: String,
+    },
+    /// Reading the file failed for a reason other than its absence (e.g. permissions).
     #[error("{}: cannot read: {source}", path.display())]
     Io {
+        /// The file that could not be read.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The file has no content (a lone UTF-8 byte-order mark counts as empty).
     #[error("{}: the file is empty", path.display())]
-    Empty { path: PathBuf },
+    Empty {
+        /// The empty file.
+        path: PathBuf,
+    },
+    /// The file is not valid UTF-8.
     #[error("{}:{line}: not valid UTF-8", path.display())]
-    NotUtf8 { path: PathBuf, line: usize },
+    NotUtf8 {
+        /// The file with the invalid bytes.
+        path: PathBuf,
+        /// The 1-based line holding the first invalid byte.
+        line: usize,
+    },
+    /// A line of `mapping.txt` is not `id<TAB>name`, its id is not an integer or
+    /// not the next in 0, 1, 2, ..., or its name is empty.
     #[error("{}:{line}: {reason}", path.display())]
     BadMapping {
+        /// The `mapping.txt` file.
         path: PathBuf,
+        /// The 1-based line at fault.
         line: usize,
+        /// What is wrong with that line.
         reason: String,
     },
+    /// A line of a `*_labels.txt` file does not parse as an integer (after trimming).
     #[error("{}:{line}: label {value:?} is not an integer", path.display())]
     BadLabel {
+        /// The labels file.
         path: PathBuf,
+        /// The 1-based line at fault.
         line: usize,
+        /// The line's trimmed text.
         value: String,
     },
+    /// A label is an integer but negative or not below the task's class count.
     #[error(
         "{}:{line}: label {label} is outside the mapping ({num_classes} classes, ids 0..{num_classes}) of {}",
         path.display(),
         mapping.display()
     )]
     LabelOutOfRange {
+        /// The labels file.
         path: PathBuf,
+        /// The 1-based line at fault.
         line: usize,
+        /// The label read from that line.
         label: i64,
+        /// How many classes the task's `mapping.txt` defines (valid ids are below it).
         num_classes: usize,
+        /// The task's `mapping.txt`.
         mapping: PathBuf,
     },
+    /// A line of a CSV file (STS-B) is not the record it should be.
+    #[error("{}:{line}: {reason}", path.display())]
+    BadRecord {
+        /// The CSV file.
+        path: PathBuf,
+        /// The 1-based line at fault.
+        line: usize,
+        /// What is wrong with that line.
+        reason: String,
+    },
+    /// A split's text and labels files have different line counts.
     #[error(
         "{}: {text_lines} lines but {}: {label_lines} lines; they must be equal (first unmatched line: {})",
         text_path.display(),
@@ -86,9 +137,13 @@ pub enum DataError {
         text_lines.min(label_lines) + 1
     )]
     CountMismatch {
+        /// The split's `*_text.txt` file.
         text_path: PathBuf,
+        /// How many lines the text file has.
         text_lines: usize,
+        /// The split's `*_labels.txt` file.
         labels_path: PathBuf,
+        /// How many lines the labels file has.
         label_lines: usize,
     },
 }
@@ -96,15 +151,19 @@ pub enum DataError {
 /// The texts and labels of one split of one task, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskSplit {
+    /// One tweet per example, line ends removed.
     pub texts: Vec<String>,
+    /// Each example's label id, below the task's class count; as long as `texts`.
     pub labels: Vec<usize>,
 }
 
 impl TaskSplit {
+    /// The number of examples.
     pub fn len(&self) -> usize {
         self.texts.len()
     }
 
+    /// Whether the split has no examples.
     pub fn is_empty(&self) -> bool {
         self.texts.is_empty()
     }
@@ -115,13 +174,16 @@ impl TaskSplit {
 pub struct TaskData {
     /// The folder's name, e.g. `emotion`.
     pub name: String,
+    /// The task folder, as given to [`TaskData::open`].
     pub dir: PathBuf,
     /// Label names indexed by label id.
     pub label_names: Vec<String>,
 }
 
 impl TaskData {
-    /// Opens a task folder and reads its `mapping.txt`.
+    /// Opens a task folder and reads its `mapping.txt`: [`DataError::Missing`] if
+    /// the folder does not exist, or an error from reading the mapping. The splits
+    /// are read later, by [`load`](Self::load).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, DataError> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
@@ -142,19 +204,25 @@ impl TaskData {
         })
     }
 
+    /// The number of classes, i.e. of lines in `mapping.txt`.
     pub fn num_classes(&self) -> usize {
         self.label_names.len()
     }
 
+    /// The split's tweets file, `<dir>/<split>_text.txt`.
     pub fn text_path(&self, split: Split) -> PathBuf {
         self.dir.join(format!("{split}_text.txt"))
     }
 
+    /// The split's labels file, `<dir>/<split>_labels.txt`.
     pub fn labels_path(&self, split: Split) -> PathBuf {
         self.dir.join(format!("{split}_labels.txt"))
     }
 
-    /// Reads and validates one split.
+    /// Reads and validates one split: both files must exist and be non-empty
+    /// UTF-8 with equal line counts ([`DataError::CountMismatch`]), and every label
+    /// must be an integer ([`DataError::BadLabel`]) in `0..num_classes`
+    /// ([`DataError::LabelOutOfRange`]).
     pub fn load(&self, split: Split) -> Result<TaskSplit, DataError> {
         let text_path = self.text_path(split);
         let labels_path = self.labels_path(split);

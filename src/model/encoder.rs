@@ -29,6 +29,8 @@ pub struct SentenceEncoder {
     device: Device,
     batch_size: usize,
     progress: bool,
+    /// Keep only the first this-many values of each embedding (Matryoshka).
+    truncate_dim: Option<usize>,
 }
 
 impl SentenceEncoder {
@@ -52,6 +54,7 @@ impl SentenceEncoder {
             device: device.clone(),
             batch_size: DEFAULT_BATCH_SIZE,
             progress: false,
+            truncate_dim: None,
         })
     }
 
@@ -71,6 +74,21 @@ impl SentenceEncoder {
     pub fn with_normalize(mut self, normalize: bool) -> Self {
         self.settings.normalize = normalize;
         self
+    }
+
+    /// Keeps only the first `dim` values of each embedding (sentence-transformers'
+    /// `truncate_dim`, for Matryoshka models), renormalised when the pipeline
+    /// normalises; `None` keeps them all. An error for 0 or more than the model's
+    /// hidden size.
+    pub fn with_truncate_dim(mut self, dim: Option<usize>) -> anyhow::Result<Self> {
+        if let Some(d) = dim {
+            let hidden = self.model.hidden_size();
+            if d == 0 || d > hidden {
+                bail!("truncate_dim {d} must be between 1 and the model's embedding size {hidden}");
+            }
+        }
+        self.truncate_dim = dim;
+        Ok(self)
     }
 
     /// Shows a progress bar on stderr for long inputs (hidden when stderr is not a terminal).
@@ -99,9 +117,9 @@ impl SentenceEncoder {
         self.settings.max_seq_length
     }
 
-    /// The width of an embedding.
+    /// The width of an embedding: the model's hidden size, or the truncation's.
     pub fn embedding_dim(&self) -> usize {
-        self.model.hidden_size()
+        self.truncate_dim.unwrap_or(self.model.hidden_size())
     }
 
     /// The device the model runs on.
@@ -159,6 +177,11 @@ impl SentenceEncoder {
         let pooled = match self.settings.pooling {
             Pooling::Mean => crate::ops::masked_mean_pool(&hidden, &batch.attention_mask)?,
             Pooling::Cls => hidden.i((.., 0, ..))?.contiguous()?,
+        };
+        // Truncate before normalising, so a truncated embedding has unit norm too.
+        let pooled = match self.truncate_dim {
+            Some(d) if d < pooled.dim(1)? => pooled.narrow(1, 0, d)?.contiguous()?,
+            _ => pooled,
         };
         Ok(if self.settings.normalize {
             crate::ops::l2_normalize(&pooled)?

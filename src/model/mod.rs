@@ -12,6 +12,8 @@
 //! - [`bert`]: [`BertEncoder`], the transformer itself.
 //! - [`tokenize`]: tokenizer loading and batch encoding to tensors.
 //! - [`encoder`]: [`SentenceEncoder`], sentences in, embeddings out.
+//! - [`quantize`]: embeddings as int8, uint8 or packed bits
+//!   (sentence-transformers' `quantize_embeddings`).
 //! - [`multitask`]: [`MultiTaskModel`](multitask::MultiTaskModel), the encoder
 //!   with two classification heads, and the freezing settings.
 
@@ -21,6 +23,7 @@ pub mod config;
 pub mod encoder;
 pub mod layers;
 pub mod multitask;
+pub mod quantize;
 pub mod resolve;
 pub mod tokenize;
 
@@ -29,4 +32,5 @@ pub use checkpoint::{load_frozen, load_trainable};
 pub use config::{load_bert_config, max_seq_length, Pooling, SentenceConfig};
 pub use encoder::SentenceEncoder;
 pub use multitask::{Freeze, Head, MultiTaskModel};
+pub use quantize::{quantize_embeddings, Precision, QuantizedEmbeddings, QuantizedValues, Ranges};
 pub use resolve::{resolve_cached, resolve_model, ModelFiles, DEFAULT_MODEL};

@@ -11,7 +11,9 @@ use candle_core::{DType, Result};
 /// buffers the op allocates for the launch (outputs and scratch), by index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Buffer {
+    /// The op's input number `i`, in the order the op passes them.
     Input(usize),
+    /// The plan's allocation number `i` ([`Alloc`]), outputs first.
     Output(usize),
 }
 
@@ -20,16 +22,22 @@ pub enum Buffer {
 pub enum Arg {
     /// A pointer `offset` elements (of the buffer's dtype) into `buffer`.
     Ptr {
+        /// The buffer pointed into.
         buffer: Buffer,
+        /// Elements from its start.
         offset: usize,
     },
     /// The same address, passed as bytes (`const uint8_t *`): kernels that read
     /// a buffer of any dtype through its raw bits.
     Bytes {
+        /// The buffer pointed into.
         buffer: Buffer,
+        /// Elements (of the buffer's dtype, not bytes) from its start.
         offset: usize,
     },
+    /// `int`.
     I32(i32),
+    /// `long long`, `int64_t`.
     I64(i64),
     /// `size_t`, `unsigned long long`.
     U64(u64),
@@ -38,7 +46,9 @@ pub enum Arg {
 /// A buffer the op allocates for its launches (uninitialised on the device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Alloc {
+    /// The element type.
     pub dtype: DType,
+    /// The number of elements.
     pub len: usize,
 }
 
@@ -49,9 +59,13 @@ pub struct Launch {
     pub module: &'static str,
     /// The kernel's C name, e.g. `mean_pool_fwd_vec_f32`.
     pub kernel: String,
+    /// Blocks per grid (x, y, z).
     pub grid: (u32, u32, u32),
+    /// Threads per block (x, y, z).
     pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, in bytes.
     pub shared_bytes: u32,
+    /// The kernel's arguments, in parameter order.
     pub args: Vec<Arg>,
 }
 
@@ -73,26 +87,31 @@ impl Launch {
         }
     }
 
+    /// Appends a typed pointer argument.
     pub fn ptr(mut self, buffer: Buffer, offset: usize) -> Self {
         self.args.push(Arg::Ptr { buffer, offset });
         self
     }
 
+    /// Appends a byte-pointer argument (the kernel reads the buffer's raw bits).
     pub fn bytes(mut self, buffer: Buffer, offset: usize) -> Self {
         self.args.push(Arg::Bytes { buffer, offset });
         self
     }
 
+    /// Appends an `int` argument.
     pub fn i32(mut self, v: i32) -> Self {
         self.args.push(Arg::I32(v));
         self
     }
 
+    /// Appends a `long long` argument.
     pub fn i64(mut self, v: i64) -> Self {
         self.args.push(Arg::I64(v));
         self
     }
 
+    /// Appends a `size_t` argument.
     pub fn u64(mut self, v: u64) -> Self {
         self.args.push(Arg::U64(v));
         self
@@ -157,6 +176,7 @@ pub trait Executor {
     /// The device's storage: candle's `CudaStorage`, or the harness's buffers.
     type Storage;
 
+    /// The element type of `storage`.
     fn dtype(storage: &Self::Storage) -> DType;
 
     /// A buffer of `len` elements (at least one: a zero-byte device allocation

@@ -32,11 +32,17 @@ use crate::model::multitask::MultiTaskModel;
 use crate::model::tokenize::load_tokenizer;
 use crate::model::ModelFiles;
 
+/// The model weights (BERT and both heads), safetensors.
 pub const MODEL_FILE: &str = "model.safetensors";
+/// AdamW's moments, safetensors (what a resumed run continues from).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The [`RunInfo`], JSON.
 pub const RUN_FILE: &str = "multitask.json";
+/// The trainer's progress ([`TrainState`](super::records::TrainState)), JSON.
 pub const STATE_FILE: &str = "trainer_state.json";
+/// The backbone's BERT `config.json`, copied from the base model.
 pub const BERT_CONFIG_FILE: &str = "config.json";
+/// The base model's `tokenizer.json`, copied so the checkpoint stands alone.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The checkpoint's folder name inside a run's output folder.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
@@ -48,21 +54,25 @@ pub struct RunInfo {
     pub tasks: [String; 2],
     /// Each head's label names, indexed by class.
     pub label_names: [Vec<String>; 2],
+    /// Truncation length in tokens the run trained with (special tokens included).
     pub max_len: usize,
     /// The weights' dtype (`f32`, `bf16`, ...).
     pub dtype: String,
     /// The base model's folder the run started from.
     pub base_model: PathBuf,
+    /// The run's full settings.
     pub config: TrainConfig,
 }
 
 impl RunInfo {
+    /// The weights' dtype, parsed; an error for a name candle does not know.
     pub fn dtype(&self) -> anyhow::Result<DType> {
         self.dtype
             .parse()
             .map_err(|e| anyhow::anyhow!("unknown dtype {:?}: {e:?}", self.dtype))
     }
 
+    /// Head A's and head B's class counts.
     pub fn num_classes(&self) -> [usize; 2] {
         [self.label_names[0].len(), self.label_names[1].len()]
     }
@@ -80,9 +90,13 @@ pub fn model_files(dir: &Path) -> ModelFiles {
 
 /// A checkpoint loaded for inference.
 pub struct LoadedCheckpoint {
+    /// The checkpoint folder it was read from.
     pub dir: PathBuf,
+    /// The trained model, frozen for inference.
     pub model: MultiTaskModel,
+    /// The checkpoint's tokenizer, truncating at `info.max_len`.
     pub tokenizer: Tokenizer,
+    /// What the checkpoint is: tasks, labels, settings.
     pub info: RunInfo,
 }
 
@@ -177,6 +191,7 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
         .with_context(|| format!("syncing {}", path.display()))
 }
 
+/// Reads and parses a JSON file; the error names the file.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     serde_json::from_reader(std::io::BufReader::new(file))
@@ -192,6 +207,7 @@ pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> anyh
         .with_context(|| format!("syncing {}", path.display()))
 }
 
+/// Reads all tensors of a safetensors file onto `device`; the error names the file.
 pub fn read_safetensors(path: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, device)
         .with_context(|| format!("reading {}", path.display()))

@@ -10,6 +10,8 @@ use super::optim::AdamWParams;
 use crate::data::SamplerKind;
 use crate::model::multitask::Freeze;
 
+/// The settings of one training run (saved with its checkpoint); the default is
+/// the reference recipe. Check it with [`validate`](Self::validate).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     /// The TweetEval folder holding one folder per task.
@@ -20,24 +22,37 @@ pub struct TrainConfig {
     pub model: String,
     /// Where checkpoints, metrics and plots go; `None` writes nothing.
     pub output_dir: Option<PathBuf>,
+    /// Which parts of the model do not train (default: none).
     pub freeze: Freeze,
+    /// Passes over both training sets (at least 1); the learning-rate schedule spans
+    /// all of them.
     pub epochs: usize,
+    /// Rows per training batch, drawn from both tasks by `sampler`.
     pub batch_size: usize,
+    /// Rows per forward pass when evaluating; a resumed run may change it.
     pub eval_batch_size: usize,
     /// Truncation length in tokens, special tokens included.
     pub max_len: usize,
+    /// Peak AdamW learning rate of the backbone (embeddings and encoder layers).
     pub backbone_lr: f64,
+    /// Peak AdamW learning rate of the two classification heads.
     pub head_lr: f64,
+    /// AdamW's decoupled weight decay, for every trained parameter unless
+    /// `decay_bias_and_norm` exempts it.
     pub weight_decay: f64,
     /// Whether biases and LayerNorm weights get weight decay too (the recipe:
     /// yes; `false` is the BERT paper's exemption).
     pub decay_bias_and_norm: bool,
+    /// AdamW's betas and epsilon, shared by all parameter groups.
     pub adam: AdamWParams,
     /// Fraction of all optimiser steps spent warming up linearly.
     pub warmup_ratio: f64,
     /// Clip the global gradient norm to this (off when `None`).
     pub max_grad_norm: Option<f64>,
+    /// How each epoch's batches are drawn from the two tasks.
     pub sampler: SamplerKind,
+    /// Seeds the heads' initialisation, the batch order, dropout and the overfit
+    /// batch's pick.
     pub seed: u64,
     /// `w_a`, `w_b` in `total = w_a·loss_a + w_b·loss_b`.
     pub loss_weights: [f64; 2],
@@ -61,7 +76,11 @@ pub struct TrainConfig {
 /// learning rate, checking after every step whether it is memorised.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct OverfitConfig {
+    /// Rows in the batch (at least 2): `ceil(n/2)` from head A's task, the rest
+    /// from head B's.
     pub batch_size: usize,
+    /// The most steps to take; training stops earlier once both heads get every
+    /// row right.
     pub max_steps: usize,
 }
 
@@ -98,6 +117,11 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks that the settings make a run: counts and sizes at least 1 (`max_len`
+    /// at least 2, the overfit batch at least 2), learning rates and loss weights
+    /// finite and non-negative, `weight_decay` non-negative, `warmup_ratio` in
+    /// [0, 1], a positive `max_grad_norm`, and `output_dir` set when `resume` is;
+    /// the error names the first setting at fault.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.epochs >= 1, "epochs must be at least 1");
         anyhow::ensure!(

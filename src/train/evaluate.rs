@@ -61,18 +61,24 @@ pub fn argmax(values: &[f32]) -> usize {
 /// One task's results on a split.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskEval {
+    /// The task's name (its data folder's).
     pub task: String,
+    /// The head's label names, indexed by class.
     pub label_names: Vec<String>,
+    /// Accuracy, macro-F1 and macro-recall of the head on its task's rows.
     pub metrics: TaskMetrics,
     /// Mean cross-entropy of the head on its task's rows.
     pub loss: f64,
+    /// Counts of (true, predicted) classes.
     pub confusion: ConfusionMatrix,
 }
 
 /// Both tasks' results on a split.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
+    /// The split scored.
     pub split: Split,
+    /// Head A's and head B's results.
     pub tasks: [TaskEval; 2],
 }
 

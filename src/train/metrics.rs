@@ -5,6 +5,9 @@
 //! Macro averages follow scikit-learn's defaults: the mean over the classes that
 //! occur in the labels or the predictions, a per-class score with a zero
 //! denominator counting as 0.
+//!
+//! For similarity scores: [`pearson`] and [`spearman`] correlation, as SciPy's
+//! `pearsonr` and `spearmanr` (ties get their average rank).
 
 use serde::{Deserialize, Serialize};
 
@@ -40,10 +43,12 @@ impl ConfusionMatrix {
         Ok(Self { counts })
     }
 
+    /// The number of classes: the matrix is `num_classes × num_classes`.
     pub fn num_classes(&self) -> usize {
         self.counts.len()
     }
 
+    /// The number of (label, prediction) pairs counted.
     pub fn total(&self) -> u64 {
         self.counts.iter().flatten().sum()
     }
@@ -61,15 +66,20 @@ impl ConfusionMatrix {
         (0..self.num_classes()).filter(|&c| self.true_count(c) + self.predicted_count(c) > 0)
     }
 
+    /// The fraction of pairs on the diagonal (predicted = true); 0 for an empty matrix.
     pub fn accuracy(&self) -> f64 {
         let correct: u64 = (0..self.num_classes()).map(|c| self.counts[c][c]).sum();
         ratio(correct, self.total())
     }
 
+    /// Recall of `class`: tp / (tp + fn), 0 when the class never occurs in the labels.
+    /// Panics if `class >= num_classes`.
     pub fn recall(&self, class: usize) -> f64 {
         ratio(self.counts[class][class], self.true_count(class))
     }
 
+    /// Precision of `class`: tp / (tp + fp), 0 when the class is never predicted.
+    /// Panics if `class >= num_classes`.
     pub fn precision(&self, class: usize) -> f64 {
         ratio(self.counts[class][class], self.predicted_count(class))
     }
@@ -80,14 +90,19 @@ impl ConfusionMatrix {
         ratio(2 * tp, self.true_count(class) + self.predicted_count(class))
     }
 
+    /// The mean [`recall`](Self::recall) over the classes present in the labels or
+    /// the predictions (TweetEval's sentiment metric); 0 for an empty matrix.
     pub fn macro_recall(&self) -> f64 {
         mean(self.present_classes().map(|c| self.recall(c)))
     }
 
+    /// The mean [`f1`](Self::f1) over the classes present in the labels or the
+    /// predictions (TweetEval's emotion metric); 0 for an empty matrix.
     pub fn macro_f1(&self) -> f64 {
         mean(self.present_classes().map(|c| self.f1(c)))
     }
 
+    /// Accuracy, macro-F1, macro-recall and the example count together.
     pub fn metrics(&self) -> TaskMetrics {
         TaskMetrics {
             accuracy: self.accuracy(),
@@ -101,8 +116,11 @@ impl ConfusionMatrix {
 /// A task's scores on one split, as fractions in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TaskMetrics {
+    /// The fraction of examples predicted right.
     pub accuracy: f64,
+    /// F1 averaged over the classes present (TweetEval's emotion metric).
     pub macro_f1: f64,
+    /// Recall averaged over the classes present (TweetEval's sentiment metric).
     pub macro_recall: f64,
     /// How many examples were scored.
     pub count: usize,
@@ -123,6 +141,74 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     } else {
         sum / n as f64
     }
+}
+
+/// Pearson's correlation of `x` and `y`, in f64 (SciPy's `pearsonr`). An error
+/// if the lengths differ, there are fewer than 2 values, a value is not finite,
+/// or either side is constant (the correlation is undefined).
+pub fn pearson(x: &[f64], y: &[f64]) -> anyhow::Result<f64> {
+    anyhow::ensure!(
+        x.len() == y.len(),
+        "{} values against {}: a correlation needs pairs",
+        x.len(),
+        y.len()
+    );
+    anyhow::ensure!(
+        x.len() >= 2,
+        "a correlation needs at least 2 pairs, got {}",
+        x.len()
+    );
+    anyhow::ensure!(
+        x.iter().chain(y).all(|v| v.is_finite()),
+        "a correlation of non-finite values"
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mx, my) = (mean(x), mean(y));
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (&a, &b) in x.iter().zip(y) {
+        let (dx, dy) = (a - mx, b - my);
+        sxy += dx * dy;
+        sxx += dx * dx;
+        syy += dy * dy;
+    }
+    anyhow::ensure!(
+        sxx > 0.0 && syy > 0.0,
+        "a correlation with a constant side is undefined"
+    );
+    // Rounding can carry |r| a hair past 1, which SciPy clips too.
+    Ok((sxy / (sxx.sqrt() * syy.sqrt())).clamp(-1.0, 1.0))
+}
+
+/// Spearman's rank correlation of `x` and `y` (SciPy's `spearmanr`): Pearson's
+/// correlation of the ranks, tied values sharing their average rank. Errors as
+/// [`pearson`].
+pub fn spearman(x: &[f64], y: &[f64]) -> anyhow::Result<f64> {
+    anyhow::ensure!(
+        x.iter().chain(y).all(|v| v.is_finite()),
+        "a correlation of non-finite values"
+    );
+    pearson(&average_ranks(x), &average_ranks(y))
+}
+
+/// 1-based ranks, ties given the mean of the ranks they span.
+fn average_ranks(values: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+    let mut ranks = vec![0.0; values.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        while end < order.len() && values[order[end]] == values[order[start]] {
+            end += 1;
+        }
+        // Positions start..end hold ranks start+1 ..= end.
+        let rank = (start + 1 + end) as f64 / 2.0;
+        for &i in &order[start..end] {
+            ranks[i] = rank;
+        }
+        start = end;
+    }
+    ranks
 }
 
 #[cfg(test)]
@@ -161,6 +247,30 @@ mod tests {
         assert!(close(cm.macro_recall(), (1.0 + 1.0 + 0.0) / 3.0));
         // f1: c0 1, c1 2/(1+2)=2/3, c2 0
         assert!(close(cm.macro_f1(), (1.0 + 2.0 / 3.0) / 3.0));
+    }
+
+    // SciPy 1.x: pearsonr([1,2,3,4,5],[2,1,4,3,5]) = 0.8 and
+    // spearmanr([1,2,2,3],[1,3,2,4]) = 0.9486832980505138 (ties averaged: 3/√10).
+    #[test]
+    fn correlations_match_scipy() {
+        let r = pearson(&[1., 2., 3., 4., 5.], &[2., 1., 4., 3., 5.]).unwrap();
+        assert!((r - 0.8).abs() < 1e-12, "{r}");
+        let rho = spearman(&[1., 2., 2., 3.], &[1., 3., 2., 4.]).unwrap();
+        assert!((rho - 3.0 / 10f64.sqrt()).abs() < 1e-12, "{rho}");
+        assert_eq!(average_ranks(&[10., 30., 20., 30.]), vec![1., 3.5, 2., 3.5]);
+        // A monotone but non-linear relation: rank correlation 1, Pearson below.
+        let x = [1., 2., 3., 4.];
+        let y = [1., 8., 27., 64.];
+        assert!((spearman(&x, &y).unwrap() - 1.0).abs() < 1e-12);
+        assert!(pearson(&x, &y).unwrap() < 0.99);
+    }
+
+    #[test]
+    fn undefined_correlations_are_errors() {
+        assert!(pearson(&[1., 2.], &[3.]).is_err());
+        assert!(pearson(&[1.], &[3.]).is_err());
+        assert!(pearson(&[1., 1., 1.], &[1., 2., 3.]).is_err());
+        assert!(spearman(&[1., f64::NAN], &[1., 2.]).is_err());
     }
 
     #[test]

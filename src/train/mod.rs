@@ -1,6 +1,7 @@
 //! Multi-task training: [`MultiTaskTrainer`] and what it is built from: the
 //! configuration, AdamW with parameter groups, the learning-rate schedule,
-//! metrics, evaluation, atomic checkpoints, and the run's records and plots.
+//! metrics, evaluation, atomic checkpoints, and the run's records and plots; and
+//! the STS benchmark's evaluation of an encoder ([`sts`]).
 
 pub mod checkpoint;
 pub mod config;
@@ -9,12 +10,14 @@ pub mod metrics;
 pub mod optim;
 pub mod records;
 pub mod schedule;
+pub mod sts;
 pub mod trainer;
 
 pub use config::{OverfitConfig, TrainConfig};
 pub use evaluate::{EvalReport, TaskEval};
-pub use metrics::{ConfusionMatrix, TaskMetrics};
+pub use metrics::{pearson, spearman, ConfusionMatrix, TaskMetrics};
 pub use optim::{AdamW, AdamWParams, ParamGroup};
 pub use records::{EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState};
 pub use schedule::LrSchedule;
+pub use sts::{evaluate_sts, StsReport};
 pub use trainer::MultiTaskTrainer;

@@ -24,8 +24,11 @@ use serde::{Deserialize, Serialize};
 /// The hyper-parameters shared by all groups (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWParams {
+    /// Decay rate of the first moment (the gradient's running mean); default 0.9.
     pub beta1: f64,
+    /// Decay rate of the second moment (the squared gradient's); default 0.999.
     pub beta2: f64,
+    /// Added to the bias-corrected `sqrt(v)` in the denominator; default 1e-8.
     pub eps: f64,
 }
 
@@ -42,8 +45,11 @@ impl Default for AdamWParams {
 /// A named set of parameters with its own base learning rate and weight decay.
 #[derive(Debug, Clone)]
 pub struct ParamGroup {
+    /// A label for logs and [`AdamW::group_summary`], e.g. `backbone` or `heads`.
     pub name: String,
+    /// The base learning rate; each step multiplies it by the schedule's factor.
     pub lr: f64,
+    /// Decoupled weight decay: each update scales the parameters by `1 - lr·wd`.
     pub weight_decay: f64,
     /// `(parameter name, variable)`; names are unique across all groups.
     pub params: Vec<(String, Var)>,
@@ -119,6 +125,8 @@ impl StepCoefs {
     }
 }
 
+/// AdamW over named parameter groups, with state that checkpoints can save and
+/// restore (see the module docs for the update).
 #[derive(Debug)]
 pub struct AdamW {
     groups: Vec<Group>,
@@ -126,6 +134,8 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// An optimiser over `groups` with zeroed moments and step counts. Fails if a
+    /// parameter is not of a float dtype or its name occurs more than once.
     pub fn new(groups: Vec<ParamGroup>, params: AdamWParams) -> Result<Self> {
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(groups.len());
@@ -184,6 +194,7 @@ impl AdamW {
             .flat_map(|g| g.params.iter().map(|p| (p.name.as_str(), &p.var)))
     }
 
+    /// Whether no group has any parameter, so that a step changes nothing.
     pub fn is_empty(&self) -> bool {
         self.groups.iter().all(|g| g.params.is_empty())
     }

@@ -21,6 +21,7 @@ pub struct StepRecord {
     /// (The records are f32, which JSON carries exactly, so that a resumed run's
     /// history equals an uninterrupted one's.)
     pub loss: [Option<f32>; 2],
+    /// The weighted sum of the heads' losses that the step minimised.
     pub total: f32,
     /// The learning-rate factor this step used.
     pub lr_factor: f32,
@@ -33,10 +34,13 @@ pub struct StepRecord {
 pub struct EpochRecord {
     /// 1-based.
     pub epoch: usize,
+    /// Steps taken when the epoch ended.
     pub global_step: usize,
     /// Each head's mean batch loss over the epoch.
     pub train_loss: [Option<f64>; 2],
+    /// Each head's metrics on its validation split after the epoch.
     pub val: [TaskMetrics; 2],
+    /// Each head's mean cross-entropy on its validation split after the epoch.
     pub val_loss: [f64; 2],
     /// Wall time of the epoch's training steps (validation excluded).
     pub train_seconds: f64,
@@ -45,8 +49,11 @@ pub struct EpochRecord {
 /// What a checkpoint remembers of the run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
+    /// Steps taken so far.
     pub global_step: usize,
+    /// Every step's record, in order.
     pub steps: Vec<StepRecord>,
+    /// Every completed epoch's record, in order.
     pub epochs: Vec<EpochRecord>,
     /// Wall time of all training steps so far.
     pub train_seconds: f64,
@@ -55,33 +62,44 @@ pub struct TrainState {
 /// Overfit mode's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OverfitReport {
+    /// Rows in the memorised batch.
     pub batch_size: usize,
     /// Each head's accuracy on its rows of the batch before training.
     pub initial_accuracy: [f64; 2],
     /// The step after which both heads classified the whole batch right.
     pub memorised_at: Option<usize>,
+    /// Steps taken.
     pub steps: usize,
     /// Each head's accuracy on its rows of the batch after each step (eval mode).
     pub accuracy: Vec<[f64; 2]>,
+    /// Each head's loss on the batch at each step (training mode).
     pub loss: Vec<[Option<f32>; 2]>,
 }
 
 /// The outcome of `train()`, printed as one JSON line by `sentence-mtl train`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainReport {
+    /// Head A's and head B's task names.
     pub tasks: [String; 2],
+    /// What did not train.
     pub freeze: Freeze,
+    /// Optimiser steps taken in all (a resumed run's earlier ones included).
     pub steps: usize,
+    /// Epochs run to their end.
     pub epochs_completed: usize,
     /// `max_steps` stopped the run before its last epoch ended.
     pub stopped_early: bool,
+    /// Wall time of all training steps (evaluation excluded).
     pub train_seconds: f64,
+    /// Mean wall time of a step; `None` when no step was taken.
     pub seconds_per_step: Option<f64>,
     /// Validation metrics after the last completed epoch, by task.
     pub val: Option<BTreeMap<String, TaskMetrics>>,
     /// Test metrics at the end, by task.
     pub test: Option<BTreeMap<String, TaskMetrics>>,
+    /// Overfit mode's outcome, in that mode.
     pub overfit: Option<OverfitReport>,
+    /// The checkpoint written, when there is an output folder.
     pub checkpoint: Option<PathBuf>,
 }
 

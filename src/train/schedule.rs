@@ -3,12 +3,19 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How the learning-rate factor changes over a run's optimiser steps; see
+/// [`factor`](Self::factor).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
+    /// Factor 1 at every step (overfit mode).
     Constant,
+    /// Linear warmup from 0 to 1, then linear decay to 0; build it with
+    /// [`linear`](LrSchedule::linear).
     LinearWarmupDecay {
+        /// Optimiser steps of warmup ([`linear`](LrSchedule::linear) caps it at `total_steps`).
         warmup_steps: usize,
+        /// Optimiser steps of the whole run (all epochs); the factor is 0 from here on.
         total_steps: usize,
     },
 }

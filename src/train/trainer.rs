@@ -41,8 +41,11 @@ use crate::model::{resolve_model, ModelFiles};
 /// Both tasks' folders and the splits training reads, validated.
 #[derive(Debug, Clone)]
 pub struct PreparedData {
+    /// Head A's and head B's task folders.
     pub tasks: [TaskData; 2],
+    /// Each task's training split.
     pub train: [TaskSplit; 2],
+    /// Each task's validation split.
     pub val: [TaskSplit; 2],
 }
 
@@ -62,6 +65,9 @@ struct Run {
     state: TrainState,
 }
 
+/// The notebook's trainer: [`prepare_data`](Self::prepare_data) reads and checks
+/// both tasks, [`setup`](Self::setup) builds the model and optimiser (or resumes a
+/// checkpoint), and [`train`](Self::train) runs the epochs or overfit mode.
 pub struct MultiTaskTrainer {
     config: TrainConfig,
     device: Device,
@@ -71,6 +77,7 @@ pub struct MultiTaskTrainer {
 }
 
 impl MultiTaskTrainer {
+    /// A trainer for `config` (validated here) running on `device` in `dtype`.
     pub fn new(config: TrainConfig, device: Device, dtype: DType) -> anyhow::Result<Self> {
         config.validate()?;
         Ok(Self {
@@ -82,6 +89,7 @@ impl MultiTaskTrainer {
         })
     }
 
+    /// The run's settings.
     pub fn config(&self) -> &TrainConfig {
         &self.config
     }
@@ -96,6 +104,7 @@ impl MultiTaskTrainer {
         self.run.as_ref().map(|r| &r.state)
     }
 
+    /// The tasks' data, once `prepare_data()` has read it.
     pub fn data(&self) -> Option<&PreparedData> {
         self.data.as_ref()
     }

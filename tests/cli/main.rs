@@ -1,6 +1,10 @@
 //! The command line (`sentence_mtl::cli`): every command takes the same
 //! `--device` and `--dtype` options, values are checked by clap with clear
-//! messages, and the older `--cpu`/`--cuda` flags still parse.
+//! messages, and the older `--cpu`/`--cuda` flags still parse; `sts` runs end
+//! to end on the STS-B dev split.
+
+#[path = "../common/shared.rs"]
+mod shared;
 
 use clap::Parser;
 use sentence_mtl::cli::device::{DTypeArg, DeviceArgs, DeviceChoice};
@@ -16,6 +20,7 @@ fn device_args(cli: &Cli) -> &DeviceArgs {
     match &cli.command {
         Command::Embed(a) => &a.encoder.device,
         Command::Similarity(a) => &a.encoder.device,
+        Command::Sts(a) => &a.encoder.device,
         Command::Train(a) => &a.device,
         Command::Eval(a) => &a.device,
         Command::Predict(a) => &a.device,
@@ -23,9 +28,10 @@ fn device_args(cli: &Cli) -> &DeviceArgs {
 }
 
 /// Each command with the arguments it needs besides the device options.
-const COMMANDS: [&[&str]; 5] = [
+const COMMANDS: [&[&str]; 6] = [
     &["embed", "a sentence"],
     &["similarity"],
+    &["sts", "--data", "stsb"],
     &["train", "--data", "data"],
     &["eval", "--checkpoint", "run", "--data", "data"],
     &["predict", "--checkpoint", "run", "a sentence"],
@@ -89,4 +95,78 @@ fn pooling_is_one_of_the_pooling_modes() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("mean") && err.contains("cls"), "{err}");
+}
+
+#[test]
+fn sts_prints_the_dev_split_scores_as_one_json_line() {
+    let data = shared::shared_dir().join("data/stsb");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sentence-mtl"))
+        .args(["sts", "--split", "dev", "--device", "cpu", "--data"])
+        .arg(&data)
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "sts failed: {stderr}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["pairs"], 1500);
+    assert!(json["file"].as_str().unwrap().ends_with("stsb-en-dev.csv"));
+    // An encoder that works scores far above chance (0) on dev; the test split's
+    // exact figure is checked in tests/model/sts.rs.
+    let spearman = json["spearman"].as_f64().unwrap();
+    let pearson = json["pearson"].as_f64().unwrap();
+    assert!(spearman > 80.0 && spearman <= 100.0, "{json}");
+    assert!(pearson > 80.0 && pearson <= 100.0, "{json}");
+}
+
+#[test]
+fn sts_on_a_missing_folder_is_an_error_naming_it() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sentence-mtl"))
+        .args(["sts", "--device", "cpu", "--data", "/nonexistent/stsb"])
+        .output()
+        .expect("the binary runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/stsb"), "{stderr}");
+}
+
+#[test]
+fn embed_writes_truncated_binary_embeddings_as_json_bytes() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sentence-mtl"))
+        .args([
+            "embed",
+            "--device",
+            "cpu",
+            "--truncate-dim",
+            "20",
+            "--precision",
+            "ubinary",
+        ])
+        .args(["first sentence", "second sentence"])
+        .output()
+        .expect("the binary runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rows: Vec<Vec<u8>> = serde_json::from_slice(&output.stdout).unwrap();
+    // 20 bits per row: 3 bytes, the last holding 4 bits (its low 4 zero).
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter().all(|r| r.len() == 3 && r[2] & 0x0f == 0),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn calibration_without_an_integer_precision_is_refused() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sentence-mtl"))
+        .args(["embed", "--device", "cpu", "--calibration", "c.npy", "x"])
+        .output()
+        .expect("the binary runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("int8 or uint8"), "{stderr}");
 }
