@@ -273,3 +273,191 @@ __device__ __forceinline__ void cosine_rows_bwd(const T *a, long long a_stride, 
   }
 
 FOR_EACH_FLOAT(COSINE_KERNELS)
+
+// ---- top-k search ----------------------------------------------------------
+// cosine_top_k (src/ops/cosine/mod.rs): the k corpus rows most similar to each
+// query, best first, ties to the lower index, without an [Q, M] score matrix.
+//
+// Pass 1, cosine_topk_partial: a block per (query, corpus slice). Each tile of
+// 256 corpus rows is scored (a warp per row, the query row re-read from L1),
+// and when some score beats the block's current k-th best, the list and the
+// tile are bitonic-sorted together in shared memory, keeping the best in front.
+// Each block writes its slice's k best to scratch [Q, slices, k].
+// Pass 2, cosine_topk_merge: a block per query merges its slices' lists the
+// same way and writes [Q, k, 2] doubles (score, index), exact for both.
+
+#define TOPK_TILE 256
+
+// Candidate order: the higher score, then the lower index (NaN scores were
+// made -inf, so the order is total).
+template <typename A>
+__device__ __forceinline__ bool topk_better(A sa, unsigned ia, A sb, unsigned ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+template <typename A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
+template <> __device__ __forceinline__ double neg_inf<double>() {
+  return __longlong_as_double(0xfff0000000000000LL);
+}
+
+// Sorts the p (a power of two) candidates in shared memory best first.
+template <typename A> __device__ void topk_sort(A *score, unsigned *index, int p) {
+  for (int size = 2; size <= p; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < p / 2; t += blockDim.x) {
+        const int i = 2 * t - (t & (stride - 1)), j = i + stride;
+        // Runs with (i & size) == 0 go best first, the others worst first, so
+        // that each pass merges bitonic runs; the last pass (size == p) is all
+        // best first.
+        const bool best_first = (i & size) == 0;
+        const bool j_better = topk_better(score[j], index[j], score[i], index[i]);
+        if (j_better == best_first) {
+          const A s = score[i];
+          score[i] = score[j];
+          score[j] = s;
+          const unsigned x = index[i];
+          index[i] = index[j];
+          index[j] = x;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// The shared candidate buffer: [0, kp) the list so far (best first), [kp, kp +
+// TOPK_TILE) the tile being merged, the rest padding; p a power of two.
+template <typename A> struct TopkBuffer {
+  A *score;
+  unsigned *index;
+  int k, kp, p;
+
+  __device__ void init(unsigned char *smem, int k_, int kp_, int p_) {
+    k = k_;
+    kp = kp_;
+    p = p_;
+    score = reinterpret_cast<A *>(smem);
+    index = reinterpret_cast<unsigned *>(smem + sizeof(A) * p);
+    for (int i = threadIdx.x; i < p; i += blockDim.x) {
+      score[i] = neg_inf<A>();
+      index[i] = 0xffffffffu;
+    }
+    __syncthreads();
+  }
+
+  // Merges the tile written to [kp, kp + TOPK_TILE) into the list, if any of
+  // it beats the k-th best; leaves the tile slots empty again.
+  __device__ void merge_tile(int *count_scratch) {
+    const A kth_score = score[k - 1];
+    const unsigned kth_index = index[k - 1];
+    int better = 0;
+    for (int t = threadIdx.x; t < TOPK_TILE; t += blockDim.x)
+      better += topk_better(score[kp + t], index[kp + t], kth_score, kth_index) ? 1 : 0;
+    if (block_sum(better, count_scratch) > 0) topk_sort(score, index, p);
+    for (int i = kp + threadIdx.x; i < p; i += blockDim.x) {
+      score[i] = neg_inf<A>();
+      index[i] = 0xffffffffu;
+    }
+    __syncthreads();
+  }
+};
+
+// One block per (query blockIdx.x, slice blockIdx.y of rows_per_slice corpus rows).
+template <typename T>
+__device__ __forceinline__ void cosine_topk_partial(const T *q, long long q_stride, const T *c,
+                                                    long long c_stride, typename Elem<T>::acc_t *part_score,
+                                                    unsigned *part_index, int m, int h, int k, int kp, int p,
+                                                    int rows_per_slice) {
+  typedef typename Elem<T>::acc_t A;
+  SMTL_DYNAMIC_SHARED(unsigned char, smem);
+  __shared__ int count_scratch[32];
+  TopkBuffer<A> buf;
+  buf.init(smem, k, kp, p);
+
+  const long long query = blockIdx.x;
+  q += query * q_stride;
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  // Every warp needs the query's norm: each computes it (one pass, from L1).
+  const bool q_vec = aligned16(q);
+  A qq = 0;
+  visit(q, h, q_vec, [&](A u) { qq += u * u; });
+  const A inv_q = A(1) / clamped_norm(warp_sum(qq));
+
+  const long long begin = (long long)blockIdx.y * rows_per_slice;
+  const long long end = min((long long)m, begin + rows_per_slice);
+  for (long long tile = begin; tile < end; tile += TOPK_TILE) {
+    for (int t = warp; t < TOPK_TILE; t += warps) {
+      const long long row = tile + t;
+      if (row >= end) continue;  // the slot stays empty; uniform per warp
+      const T *cr = c + row * c_stride;
+      const bool vec = q_vec && aligned16(cr);
+      A qc = 0, cc = 0;
+      visit2(q, cr, h, vec, [&](A u, A v) {
+        qc += u * v;
+        cc += v * v;
+      });
+      qc = warp_sum(qc);
+      cc = warp_sum(cc);
+      if (lane_id() == 0) {
+        const A s = qc * inv_q * (A(1) / clamped_norm(cc));
+        buf.score[kp + t] = s == s ? s : neg_inf<A>();
+        buf.index[kp + t] = (unsigned)row;
+      }
+    }
+    __syncthreads();
+    buf.merge_tile(count_scratch);
+  }
+  const long long out = (query * gridDim.y + blockIdx.y) * k;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    part_score[out + i] = buf.score[i];
+    part_index[out + i] = buf.index[i];
+  }
+}
+
+// One block per query: the best k of its slices' lists.
+template <typename A>
+__device__ __forceinline__ void cosine_topk_merge(const A *part_score, const unsigned *part_index, double *out,
+                                                  int slices, int k, int kp, int p) {
+  SMTL_DYNAMIC_SHARED(unsigned char, smem);
+  __shared__ int count_scratch[32];
+  TopkBuffer<A> buf;
+  buf.init(smem, k, kp, p);
+  const long long query = blockIdx.x;
+  const long long total = (long long)slices * k;
+  part_score += query * total;
+  part_index += query * total;
+  for (long long tile = 0; tile < total; tile += TOPK_TILE) {
+    for (int t = threadIdx.x; t < TOPK_TILE; t += blockDim.x) {
+      if (tile + t < total) {
+        buf.score[kp + t] = part_score[tile + t];
+        buf.index[kp + t] = part_index[tile + t];
+      }
+    }
+    __syncthreads();
+    buf.merge_tile(count_scratch);
+  }
+  out += query * k * 2;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    out[2 * i] = (double)buf.score[i];
+    out[2 * i + 1] = (double)buf.index[i];
+  }
+}
+
+#define TOPK_PARTIAL_KERNEL(T, S)                                                                              \
+  extern "C" __global__ void __launch_bounds__(256) cosine_topk_partial_##S(                                   \
+      const T *q, long long q_stride, const T *c, long long c_stride, Elem<T>::acc_t *part_score,              \
+      unsigned *part_index, int m, int h, int k, int kp, int p, int rows_per_slice) {                          \
+    cosine_topk_partial<T>(q, q_stride, c, c_stride, part_score, part_index, m, h, k, kp, p, rows_per_slice);  \
+  }
+
+FOR_EACH_FLOAT(TOPK_PARTIAL_KERNEL)
+
+#define TOPK_MERGE_KERNEL(A, S)                                                                                \
+  extern "C" __global__ void __launch_bounds__(256) cosine_topk_merge_##S(                                     \
+      const A *part_score, const unsigned *part_index, double *out, int slices, int k, int kp, int p) {        \
+    cosine_topk_merge<A>(part_score, part_index, out, slices, k, kp, p);                                       \
+  }
+
+TOPK_MERGE_KERNEL(float, f32)
+TOPK_MERGE_KERNEL(double, f64)

@@ -4,7 +4,7 @@
 //! | op | file | kernel |
 //! | --- | --- | --- |
 //! | [`masked_mean_pool`] | `mean_pool/` | `kernels/mean_pool.cu` |
-//! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`] | `cosine/` | `kernels/cosine.cu` |
+//! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`], [`cosine_top_k`] | `cosine/` | `kernels/cosine.cu` |
 //! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
 //!
 //! Each op folder has the same three files: `mod.rs` (the public function, its
@@ -49,7 +49,7 @@ pub mod launch;
 
 pub use attention::attention;
 pub use bias::{add_bias, sum_rows};
-pub use cosine::{cosine_similarity, cosine_similarity_matrix, l2_normalize};
+pub use cosine::{cosine_similarity, cosine_similarity_matrix, cosine_top_k, l2_normalize, TopK};
 pub use cross_entropy::{dual_head_cross_entropy, IGNORE_INDEX};
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;

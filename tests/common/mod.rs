@@ -287,3 +287,78 @@ pub fn strided_view_on(t: &Tensor, kind: Strided, device: &Device) -> Result<Ten
         }
     }
 }
+
+/// Checks a top-k result (`scores`, `indices`, both `[Q, k]`) against the f64
+/// brute force on the values the op saw: scores best first and close to the
+/// reference's k best in order, each index's own reference score close to the
+/// score returned for it, no index twice; with `exact_indices`, each index the
+/// reference's wherever its score has no near-tie (closer than the dtype's
+/// rounding), which may come in either order.
+pub fn assert_top_k_matches_reference(
+    what: &str,
+    (scores, indices): (&Tensor, &Tensor),
+    (queries, corpus): (&[f64], &[f64]),
+    h: usize,
+    k: usize,
+    dtype: DType,
+    exact_indices: bool,
+) {
+    use sentence_mtl::ops::reference::cosine::cosine_top_k;
+    let m = corpus.len() / h;
+    let want = cosine_top_k(queries, corpus, h, k);
+    let all = cosine_top_k(queries, corpus, h, m);
+    let got_scores = scores
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let got_indices = indices.to_vec2::<u32>().unwrap();
+    let (rtol, atol) = tolerance(dtype);
+    // Each score's error is that of a dtype-rounded cosine, in [-1, 1].
+    let tol = atol + rtol;
+    assert_eq!(got_scores.len(), want.len(), "{what}: query count");
+    for (qi, want_row) in want.iter().enumerate() {
+        let (s, ix) = (&got_scores[qi], &got_indices[qi]);
+        assert_eq!(s.len(), k.min(m), "{what}: query {qi} width");
+        assert_eq!(ix.len(), k.min(m), "{what}: query {qi} width");
+        let by_index: std::collections::HashMap<usize, f64> = all[qi].iter().copied().collect();
+        let mut seen = std::collections::HashSet::new();
+        for j in 0..s.len() {
+            let index = ix[j] as usize;
+            assert!(index < m, "{what}: query {qi} hit {j} index {index} >= {m}");
+            assert!(seen.insert(index), "{what}: query {qi} index {index} twice");
+            assert!(
+                s[j].is_finite(),
+                "{what}: query {qi} hit {j} score {}",
+                s[j]
+            );
+            if j > 0 {
+                assert!(
+                    s[j] <= s[j - 1],
+                    "{what}: query {qi} scores not best first: {s:?}"
+                );
+            }
+            let (want_index, want_score) = want_row[j];
+            assert!(
+                (s[j] - want_score).abs() <= tol,
+                "{what}: query {qi} hit {j} score {} vs the reference's {want_score}",
+                s[j]
+            );
+            assert!(
+                (s[j] - by_index[&index]).abs() <= tol,
+                "{what}: query {qi} hit {j}: row {index} scored {} but is {}",
+                s[j],
+                by_index[&index]
+            );
+            // Rows whose exact scores lie within rounding of each other (ties)
+            // may come in either order; any other row must be the reference's.
+            let near_ties = all[qi]
+                .iter()
+                .filter(|(_, v)| (v - want_score).abs() <= tol)
+                .count();
+            if exact_indices && near_ties == 1 {
+                assert_eq!(index, want_index, "{what}: query {qi} hit {j} ({s:?})");
+            }
+        }
+    }
+}

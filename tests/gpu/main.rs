@@ -14,6 +14,8 @@ mod cosine;
 mod cross_entropy;
 #[path = "../kernels/mean_pool.rs"]
 mod mean_pool;
+#[path = "../kernels/top_k.rs"]
+mod top_k;
 
 /// The CUDA device, or `None` (the test is skipped) where none can be opened.
 fn kernel_target(test: &str) -> Option<common::KernelTarget> {

@@ -10,3 +10,4 @@ mod cosine;
 mod cross_entropy;
 mod encoder_ops;
 mod mean_pool;
+mod top_k;

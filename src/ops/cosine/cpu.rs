@@ -276,3 +276,128 @@ pub(super) fn row_cosine_backward<T: FloatElem>(
     }
     out
 }
+
+/// One candidate of a top-k search: ordered by score, then by the lower index
+/// (so `a > b` means `a` ranks first).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Hit {
+    score: f64,
+    index: u32,
+}
+
+impl Eq for Hit {}
+
+impl Ord for Hit {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then(other.index.cmp(&self.index))
+    }
+}
+
+impl PartialOrd for Hit {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The best `k` hits offered so far: a heap whose top is the worst of them, so
+/// a hit that does not make the list costs one comparison.
+#[derive(Debug, Clone)]
+struct TopList {
+    k: usize,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<Hit>>,
+}
+
+impl TopList {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            heap: std::collections::BinaryHeap::with_capacity(k + 1),
+        }
+    }
+
+    #[inline]
+    fn offer(&mut self, hit: Hit) {
+        if self.heap.len() < self.k {
+            self.heap.push(std::cmp::Reverse(hit));
+        } else if let Some(mut worst) = self.heap.peek_mut() {
+            if hit > worst.0 {
+                *worst = std::cmp::Reverse(hit);
+            }
+        }
+    }
+
+    fn merge(mut self, other: TopList) -> TopList {
+        for hit in other.heap {
+            self.offer(hit.0);
+        }
+        self
+    }
+
+    /// Best first.
+    fn into_sorted(self) -> impl Iterator<Item = Hit> {
+        // Ascending `Reverse` order is descending `Hit` order.
+        self.heap.into_sorted_vec().into_iter().map(|r| r.0)
+    }
+}
+
+/// Corpus rows per rayon job of the top-k search.
+const TOP_K_CHUNK: usize = 512;
+
+/// `1 / max(‖x‖, EPS)` from the squared norm.
+fn inverse_norm<A: Accum>(sq: A) -> A {
+    A::one() / clamped_norm(sq).0
+}
+
+/// The `k` (at most the corpus's rows) most cosine-similar corpus rows of each
+/// query, best first: `[Q, k, 2]` as (score, index). Corpus chunks run in
+/// parallel, each keeping one list per query; no score matrix is formed.
+pub(super) fn cosine_top_k<T: FloatElem>(q: &Rows<T>, c: &Rows<T>, k: usize) -> Vec<f64> {
+    let (nq, m, h) = (q.count(), c.count(), q.len());
+    let k = k.min(m);
+    let mut scratch = Vec::new();
+    let queries: Vec<Vec<T>> = (0..nq).map(|i| q.row(i, &mut scratch).to_vec()).collect();
+    let inv_q: Vec<Acc<T>> = queries.iter().map(|r| inverse_norm(sum_sq(r))).collect();
+    let chunk_lists = |chunk: usize| -> Vec<TopList> {
+        let mut lists = vec![TopList::new(k); nq];
+        let mut scratch = Vec::new();
+        for i in chunk * TOP_K_CHUNK..m.min((chunk + 1) * TOP_K_CHUNK) {
+            let row = c.row(i, &mut scratch);
+            let inv_c = inverse_norm(sum_sq(row));
+            for ((list, query), &inv) in lists.iter_mut().zip(&queries).zip(&inv_q) {
+                let score = num_traits::ToPrimitive::to_f64(&(dot(query, row) * inv * inv_c))
+                    .unwrap_or(f64::NAN);
+                list.offer(Hit {
+                    score: if score.is_nan() {
+                        f64::NEG_INFINITY
+                    } else {
+                        score
+                    },
+                    index: i as u32,
+                });
+            }
+        }
+        lists
+    };
+    let merge = |a: Vec<TopList>, b: Vec<TopList>| -> Vec<TopList> {
+        a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect()
+    };
+    let chunks = m.div_ceil(TOP_K_CHUNK);
+    let lists = if nq * m * h >= PARALLEL_MIN_ELEMS {
+        (0..chunks)
+            .into_par_iter()
+            .map(chunk_lists)
+            .reduce_with(merge)
+    } else {
+        (0..chunks).map(chunk_lists).reduce(merge)
+    }
+    .unwrap_or_else(|| vec![TopList::new(k); nq]);
+    lists
+        .into_iter()
+        .flat_map(|list| {
+            list.into_sorted()
+                .flat_map(|hit| [hit.score, hit.index as f64])
+        })
+        .collect()
+}

@@ -151,3 +151,113 @@ pub(super) fn row_cosine_backward<E: Executor>(
     let launch = row_cosine_backward_launch(op, E::dtype(a), &av, &bv, &gv)?;
     run_one(exec, &[a, b, g], 2 * av.elem_count(), launch)
 }
+
+/// Corpus rows scored per tile of the top-k kernels (`TOPK_TILE`).
+const TOPK_TILE: usize = 256;
+/// Blocks the top-k search aims for across queries and corpus slices: a few per
+/// SM of a large GPU, so a single query still fills the device.
+const TOPK_TARGET_BLOCKS: usize = 1024;
+/// The largest k the kernels take: the list and one tile (1024 + 256) fit a
+/// power-of-two buffer of 2048 candidates in shared memory (24 KiB in f64).
+pub(super) const TOPK_MAX_K: usize = 1024;
+
+/// How the corpus is cut into slices, one block per (query, slice).
+fn topk_slices(nq: usize, m: usize) -> (usize, usize) {
+    let tiles = m.div_ceil(TOPK_TILE);
+    let slices = TOPK_TARGET_BLOCKS
+        .div_ceil(nq.max(1))
+        .clamp(1, tiles.max(1));
+    let rows_per_slice = tiles.div_ceil(slices) * TOPK_TILE;
+    (m.div_ceil(rows_per_slice), rows_per_slice)
+}
+
+/// The two launches of the top-k search and the sizes of its scratch.
+struct TopkPlan {
+    launches: Vec<Launch>,
+    partial_len: usize,
+}
+
+fn topk_plan(op: &str, dtype: DType, qv: &View<2>, cv: &View<2>, k: usize) -> Result<TopkPlan> {
+    let ([nq, h], m) = (qv.dims, cv.dims[0]);
+    if k > TOPK_MAX_K {
+        candle_core::bail!("{op}: k = {k} is more than the CUDA kernel's {TOPK_MAX_K}");
+    }
+    let (slices, rows_per_slice) = topk_slices(nq, m);
+    let partial_len = nq * slices * k;
+    if nq == 0 || m == 0 || k == 0 {
+        return Ok(TopkPlan {
+            launches: Vec::new(),
+            partial_len,
+        });
+    }
+    as_i32(op, "M", m)?;
+    as_i32(op, "H", h)?;
+    let acc = crate::ops::dtype::accumulation_dtype(dtype);
+    let p = (k + TOPK_TILE).next_power_of_two();
+    let shared = u32::try_from(p * (acc.size_in_bytes() + 4)).expect("at most 2048 candidates");
+    let grid_q = u32::try_from(nq)
+        .map_err(|_| candle_core::Error::Msg(format!("{op}: {nq} queries are too many")))?;
+    let mut partial = Launch::new(
+        MODULE,
+        kernel_name("cosine_topk_partial", dtype)?,
+        (grid_q, slices as u32, 1),
+        (TOPK_TILE as u32, 1, 1),
+    );
+    partial.shared_bytes = shared;
+    let partial = rows(op, rows(op, partial, 0, qv)?, 1, cv)?
+        .ptr(Buffer::Output(1), 0)
+        .ptr(Buffer::Output(2), 0)
+        .i32(m as i32)
+        .i32(h as i32)
+        .i32(k as i32)
+        .i32(k as i32)
+        .i32(p as i32)
+        .i32(rows_per_slice as i32);
+    let mut merge = Launch::new(
+        MODULE,
+        kernel_name("cosine_topk_merge", acc)?,
+        (grid_q, 1, 1),
+        (TOPK_TILE as u32, 1, 1),
+    );
+    merge.shared_bytes = shared;
+    let merge = merge
+        .ptr(Buffer::Output(1), 0)
+        .ptr(Buffer::Output(2), 0)
+        .ptr(Buffer::Output(0), 0)
+        .i32(slices as i32)
+        .i32(k as i32)
+        .i32(k as i32)
+        .i32(p as i32);
+    Ok(TopkPlan {
+        launches: vec![partial, merge],
+        partial_len,
+    })
+}
+
+/// The `k` best corpus rows of each query: `[Q, k, 2]` f64 (score, index).
+pub(super) fn cosine_top_k<E: Executor>(
+    exec: &E,
+    op: &str,
+    (q, qv): (&E::Storage, View<2>),
+    (c, cv): (&E::Storage, View<2>),
+    k: usize,
+) -> Result<E::Storage> {
+    let dtype = E::dtype(q);
+    let plan = topk_plan(op, dtype, &qv, &cv, k)?;
+    let acc = crate::ops::dtype::accumulation_dtype(dtype);
+    let allocs = [
+        Alloc {
+            dtype: DType::F64,
+            len: qv.dims[0] * k * 2,
+        },
+        Alloc {
+            dtype: acc,
+            len: plan.partial_len,
+        },
+        Alloc {
+            dtype: DType::U32,
+            len: plan.partial_len,
+        },
+    ];
+    Ok(launch::run(exec, &[q, c], &allocs, &plan.launches)?.remove(0))
+}

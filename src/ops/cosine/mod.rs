@@ -10,6 +10,9 @@
 //!   [`cosine_similarity_matrix`] (all pairs, `[N,H] × [M,H] → [N,M]`):
 //!   `cos(a, b) = ⟨a, b⟩ / (max(‖a‖, EPS) · max(‖b‖, EPS))`, i.e. normalise, then
 //!   dot. A zero row gives similarity 0, never NaN.
+//! - [`cosine_top_k`] (`[Q,H] × [M,H] → [Q,k]` scores and indices): the `k`
+//!   corpus rows of highest cosine for each query, best first, ties to the lower
+//!   index, computed without the `[Q,M]` matrix (not differentiable).
 //!
 //! Sums run in the accumulator type (f32 for f16/bf16/f32, f64 for f64), so, as in
 //! PyTorch, f32 rows whose norm exceeds ~1.8e19 overflow.
@@ -31,6 +34,11 @@
 //!   backward is itself a pair of matmuls. Scaling the `N×M` product by the inverse
 //!   norms instead would add a pass over the output, larger than the inputs
 //!   whenever `N·M > (N+M)·H`.
+//!
+//! `cosine_top_k` scores corpus chunks and keeps one bounded list per query
+//! (CPU: chunks in parallel, a heap per query; CUDA: a block per query and
+//! corpus slice merges each scored tile into a shared-memory list by bitonic
+//! sort, then a block per query merges the slices' lists).
 //!
 //! # Errors
 //!
@@ -81,6 +89,7 @@ pub const EPS: f64 = 1e-12;
 const NORMALIZE: &str = "l2_normalize";
 const ROW_COSINE: &str = "cosine_similarity";
 const MATRIX_COSINE: &str = "cosine_similarity_matrix";
+const TOP_K: &str = "cosine_top_k";
 
 // ---- public functions --------------------------------------------------------
 
@@ -133,6 +142,66 @@ pub fn cosine_similarity_matrix(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         l2_normalize(b)?
     };
     a_hat.matmul(&b_hat.t()?)
+}
+
+/// The best matches of each query: what [`cosine_top_k`] returns.
+#[derive(Debug, Clone)]
+pub struct TopK {
+    /// `[Q, k]` cosine similarities, best first: f32, or f64 for f64 inputs.
+    pub scores: Tensor,
+    /// `[Q, k]` (u32) the corpus rows those scores belong to.
+    pub indices: Tensor,
+}
+
+/// The largest `k` [`cosine_top_k`] takes on a GPU (the CPU has no limit).
+pub const MAX_TOP_K_ON_GPU: usize = 1024;
+
+/// The `k` rows of `corpus` `[M,H]` most cosine-similar to each row of
+/// `queries` `[Q,H]`, best first, ties broken by the lower corpus index (the
+/// cosine as in [`cosine_similarity_matrix`], in the accumulator type). Gives
+/// `min(k, M)` columns. The `[Q,M]` matrix is never formed: memory is
+/// `O(Q·k)` beyond the inputs, so a large corpus can also be searched chunk by
+/// chunk, merging the chunks' lists.
+///
+/// An `Err` for `k = 0`, an empty corpus, more than `u32::MAX` corpus rows,
+/// `k > MAX_TOP_K_ON_GPU` on a GPU, and the checks every cosine op makes. Not
+/// differentiable.
+pub fn cosine_top_k(queries: &Tensor, corpus: &Tensor, k: usize) -> Result<TopK> {
+    check_rank(TOP_K, "queries", queries, 2, "[Q,H]")?;
+    check_rank(TOP_K, "corpus", corpus, 2, "[M,H]")?;
+    check_same_device(TOP_K, ("queries", queries), ("corpus", corpus))?;
+    check_float_dtype(TOP_K, "queries", queries.dtype())?;
+    check_same_dtype(TOP_K, ("queries", queries), ("corpus", corpus))?;
+    let (h, m) = (queries.dim(1)?, corpus.dim(0)?);
+    if corpus.dim(1)? != h {
+        candle_core::bail!(
+            "{TOP_K}: queries and corpus must have the same width H, got queries {:?} and corpus {:?}",
+            queries.dims(),
+            corpus.dims()
+        );
+    }
+    if k == 0 {
+        candle_core::bail!("{TOP_K}: k must be at least 1");
+    }
+    if m == 0 {
+        candle_core::bail!("{TOP_K}: the corpus has no rows");
+    }
+    if u32::try_from(m).is_err() {
+        candle_core::bail!(
+            "{TOP_K}: {m} corpus rows are more than u32 indices reach; search it in chunks"
+        );
+    }
+    let k = k.min(m);
+    if kernel_path(queries.device()) && k > MAX_TOP_K_ON_GPU {
+        candle_core::bail!("{TOP_K}: k = {k} is more than the GPU's {MAX_TOP_K_ON_GPU}");
+    }
+    let packed =
+        for_kernels(queries)?.apply_op2_no_bwd(&for_kernels(corpus)?, &CosineTopK { k })?;
+    let acc = super::dtype::accumulation_dtype(queries.dtype());
+    Ok(TopK {
+        scores: packed.narrow(2, 0, 1)?.squeeze(2)?.to_dtype(acc)?,
+        indices: packed.narrow(2, 1, 1)?.squeeze(2)?.to_dtype(DType::U32)?,
+    })
 }
 
 // ---- validation -----------------------------------------------------------------
@@ -396,6 +465,58 @@ impl CustomOp3 for RowCosineBackward {
         let exec = super::cuda::CudaExecutor::new(s1.device());
         let out = cuda::row_cosine_backward(&exec, self.name(), (s1, av), (s2, bv), (s3, gv))?;
         Ok((out, Shape::from((2, av.dims[0], av.dims[1]))))
+    }
+}
+
+/// `(queries [Q,H], corpus [M,H]) → [Q,k,2]` f64: (score, index) pairs, both
+/// exact in f64.
+struct CosineTopK {
+    k: usize,
+}
+
+impl CustomOp2 for CosineTopK {
+    fn name(&self) -> &'static str {
+        TOP_K
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qv, cv) = row_views(TOP_K, l1, l2, false)?;
+        check_dtypes(TOP_K, &[s1.dtype(), s2.dtype()])?;
+        let shape = Shape::from((qv.dims[0], self.k, 2));
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            let out = super::host::on_host([s1, s2], |exec, [q, c]| {
+                cuda::cosine_top_k(exec, TOP_K, (q, qv), (c, cv), self.k)
+            })?;
+            return Ok((out, shape));
+        }
+        with_float_dtype!(TOP_K, "queries", s1.dtype(), T => {
+            let q = Rows::new(s1.as_slice::<T>()?, qv);
+            let c = Rows::new(s2.as_slice::<T>()?, cv);
+            Ok((CpuStorage::F64(cpu::cosine_top_k(&q, &c, self.k)), shape))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (qv, cv) = row_views(TOP_K, l1, l2, false)?;
+        check_dtypes(TOP_K, &[s1.dtype(), s2.dtype()])?;
+        check_float_dtype(TOP_K, "queries", s1.dtype())?;
+        let exec = super::cuda::CudaExecutor::new(s1.device());
+        let out = cuda::cosine_top_k(&exec, TOP_K, (s1, qv), (s2, cv), self.k)?;
+        Ok((out, Shape::from((qv.dims[0], self.k, 2))))
     }
 }
 
