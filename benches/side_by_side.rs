@@ -19,8 +19,8 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use sentence_mtl::ops::cross_entropy::dual_head_cross_entropy_composed;
 use sentence_mtl::ops::{
-    cosine_similarity, cosine_similarity_matrix, dual_head_cross_entropy, l2_normalize,
-    masked_mean_pool, IGNORE_INDEX,
+    cosine_similarity, cosine_similarity_matrix, cosine_top_k, dual_head_cross_entropy,
+    l2_normalize, masked_mean_pool, IGNORE_INDEX,
 };
 
 #[path = "ops/composed.rs"]
@@ -239,6 +239,68 @@ fn cosine_cases(cases: &mut Vec<Comparison>) -> Result<()> {
     Ok(())
 }
 
+/// Semantic search: the fused `cosine_top_k` against the `[Q, M]` cosine matrix
+/// then, per query, candle's full sort (`arg_sort_last_dim`) or a partial
+/// selection (`select_nth_unstable`, rows in parallel) of the k best.
+fn top_k_cases(cases: &mut Vec<Comparison>) -> Result<()> {
+    const Q: usize = 32;
+    const M: usize = 65536;
+    const K: usize = 10;
+    let queries = random(&[Q, 384])?.as_tensor().detach();
+    let corpus = random(&[M, 384])?.as_tensor().detach();
+    let size = format!("[{Q},384] in [{M},384], k {K}");
+    let fused: fn(&Tensor, &Tensor) -> Result<()> = |q, c| cosine_top_k(q, c, K).map(drop);
+    let matrix_sort: fn(&Tensor, &Tensor) -> Result<()> = |q, c| {
+        let scores = cosine_similarity_matrix(q, c)?;
+        let order = scores.arg_sort_last_dim(false)?.narrow(1, 0, K)?;
+        scores.gather(&order.contiguous()?, 1).map(drop)
+    };
+    let matrix_select: fn(&Tensor, &Tensor) -> Result<()> = |q, c| {
+        let scores = cosine_similarity_matrix(q, c)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let best: Vec<Vec<(u32, f32)>> = scores
+            .par_chunks(M)
+            .map(|row| {
+                let mut hits: Vec<(u32, f32)> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &s)| (i as u32, s))
+                    .collect();
+                let by_score =
+                    |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+                hits.select_nth_unstable_by(K - 1, by_score);
+                hits.truncate(K);
+                hits.sort_by(by_score);
+                hits
+            })
+            .collect();
+        std::hint::black_box(best);
+        Ok(())
+    };
+    let run = |op: fn(&Tensor, &Tensor) -> Result<()>| -> Run {
+        let (q, c) = (queries.clone(), corpus.clone());
+        Box::new(move || op(&q, &c))
+    };
+    cases.push(compare(
+        "cosine top-k",
+        &size,
+        "matrix + sort",
+        "≥ 1",
+        run(fused),
+        run(matrix_sort),
+    ));
+    cases.push(compare(
+        "cosine top-k",
+        &size,
+        "matrix + select",
+        "≥ 1",
+        run(fused),
+        run(matrix_select),
+    ));
+    Ok(())
+}
+
 fn cross_entropy_cases(cases: &mut Vec<Comparison>) -> Result<()> {
     const ROWS: usize = 4096;
     let mut rng = StdRng::seed_from_u64(0);
@@ -304,6 +366,7 @@ fn main() -> Result<()> {
     let mut cases = Vec::new();
     mean_pool_cases(&mut cases)?;
     cosine_cases(&mut cases)?;
+    top_k_cases(&mut cases)?;
     cross_entropy_cases(&mut cases)?;
     println!(
         "| op | size | fused | compared with | its time | ratio (its / fused) | target | rounds |"

@@ -6,6 +6,7 @@ pub mod device;
 pub mod embed;
 pub mod eval;
 pub mod predict;
+pub mod search;
 pub mod similarity;
 pub mod sts;
 pub mod train;
@@ -30,6 +31,10 @@ pub enum Command {
     Embed(embed::EmbedArgs),
     /// Cosine-similarity matrix of sentences (the notebook's Task 1).
     Similarity(similarity::SimilarityArgs),
+    /// The best corpus rows for each query (semantic search), as JSON.
+    Search(search::SearchArgs),
+    /// The most similar sentence pairs within one file, as JSON.
+    Mine(search::MineArgs),
     /// Score the encoder on the STS benchmark (cosine Spearman and Pearson, x100).
     Sts(sts::StsArgs),
     /// Train the dual-head multi-task model on TweetEval.
@@ -46,6 +51,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(args) => embed::run(args),
         Command::Similarity(args) => similarity::run(args),
         Command::Sts(args) => sts::run(args),
+        Command::Search(args) => search::run_search(args),
+        Command::Mine(args) => search::run_mine(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Predict(args) => predict::run(args),

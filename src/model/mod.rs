@@ -12,6 +12,8 @@
 //! - [`bert`]: [`BertEncoder`], the transformer itself.
 //! - [`tokenize`]: tokenizer loading and batch encoding to tensors.
 //! - [`encoder`]: [`SentenceEncoder`], sentences in, embeddings out.
+//! - [`search`]: semantic search and paraphrase mining, chunked, on float or
+//!   quantised embeddings.
 //! - [`quantize`]: embeddings as int8, uint8 or packed bits
 //!   (sentence-transformers' `quantize_embeddings`).
 //! - [`multitask`]: [`MultiTaskModel`](multitask::MultiTaskModel), the encoder
@@ -25,6 +27,7 @@ pub mod layers;
 pub mod multitask;
 pub mod quantize;
 pub mod resolve;
+pub mod search;
 pub mod tokenize;
 
 pub use bert::BertEncoder;
@@ -34,3 +37,4 @@ pub use encoder::SentenceEncoder;
 pub use multitask::{Freeze, Head, MultiTaskModel};
 pub use quantize::{quantize_embeddings, Precision, QuantizedEmbeddings, QuantizedValues, Ranges};
 pub use resolve::{resolve_cached, resolve_model, ModelFiles, DEFAULT_MODEL};
+pub use search::{paraphrase_mine, search_embeddings, search_quantized, Hit, Pair};

@@ -24,17 +24,21 @@ fn device_args(cli: &Cli) -> &DeviceArgs {
         Command::Train(a) => &a.device,
         Command::Eval(a) => &a.device,
         Command::Predict(a) => &a.device,
+        Command::Search(a) => &a.encoder.device,
+        Command::Mine(a) => &a.encoder.device,
     }
 }
 
 /// Each command with the arguments it needs besides the device options.
-const COMMANDS: [&[&str]; 6] = [
+const COMMANDS: [&[&str]; 8] = [
     &["embed", "a sentence"],
     &["similarity"],
     &["sts", "--data", "stsb"],
     &["train", "--data", "data"],
     &["eval", "--checkpoint", "run", "--data", "data"],
     &["predict", "--checkpoint", "run", "a sentence"],
+    &["search", "--corpus", "corpus.txt", "a query"],
+    &["mine", "--file", "sentences.txt"],
 ];
 
 #[test]
@@ -169,4 +173,142 @@ fn calibration_without_an_integer_precision_is_refused() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("int8 or uint8"), "{stderr}");
+}
+
+/// A file under the system's temp folder, unique to this test process.
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sentence-mtl-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn run_cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sentence-mtl"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+/// Runs the binary, asserts it succeeded, and parses its JSON output.
+fn run_cli_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let output = run_cli(args);
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+const CORPUS: &str = "The stock market crashed today.\nA man is playing the guitar.\nIt is raining in London.\nShare prices plunged this morning.\n";
+
+#[test]
+fn search_prints_each_querys_best_rows_with_index_text_and_score() {
+    let corpus = temp_file("corpus.txt", CORPUS.as_bytes());
+    let json = run_cli_json(&[
+        "search".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--top-k".as_ref(),
+        "2".as_ref(),
+        "--chunk-rows".as_ref(),
+        "3".as_ref(),
+        "--corpus".as_ref(),
+        corpus.as_os_str(),
+        "Someone plays a guitar.".as_ref(),
+        "Stocks fell sharply.".as_ref(),
+    ]);
+    let queries = json.as_array().unwrap();
+    assert_eq!(queries.len(), 2);
+    assert_eq!(queries[0]["query"], "Someone plays a guitar.");
+    let hits = queries[0]["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(hits[0]["index"], 1);
+    assert_eq!(hits[0]["text"], "A man is playing the guitar.");
+    assert!(hits[0]["score"].as_f64().unwrap() > hits[1]["score"].as_f64().unwrap());
+    let finance: Vec<u64> = queries[1]["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(finance.len(), 2);
+    assert!(finance.contains(&0) && finance.contains(&3), "{json}");
+}
+
+#[test]
+fn search_refuses_k_zero_an_empty_corpus_bad_utf8_and_a_wrong_width_npy() {
+    let corpus = temp_file("corpus-ok.txt", CORPUS.as_bytes());
+    let empty = temp_file("corpus-empty.txt", b"");
+    let bad_utf8 = temp_file("queries-bad.txt", b"fine\n\xff\xfe broken\n");
+    // An [2, 5] float32 .npy: the model's embeddings have 384 values.
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 5), }";
+    let padded = format!("{header:<117}\n");
+    npy.extend_from_slice(&(padded.len() as u16).to_le_bytes());
+    npy.extend_from_slice(padded.as_bytes());
+    npy.extend(std::iter::repeat_n(0u8, 2 * 5 * 4));
+    let narrow = temp_file("corpus-narrow.npy", &npy);
+    let cases: [(Vec<&std::ffi::OsStr>, &str); 4] = [
+        (
+            vec![
+                "--top-k".as_ref(),
+                "0".as_ref(),
+                "--corpus".as_ref(),
+                corpus.as_os_str(),
+                "q".as_ref(),
+            ],
+            "at least 1",
+        ),
+        (
+            vec!["--corpus".as_ref(), empty.as_os_str(), "q".as_ref()],
+            "no",
+        ),
+        (
+            vec![
+                "--corpus".as_ref(),
+                corpus.as_os_str(),
+                "--file".as_ref(),
+                bad_utf8.as_os_str(),
+            ],
+            "UTF-8",
+        ),
+        (
+            vec!["--corpus".as_ref(), narrow.as_os_str(), "q".as_ref()],
+            "384",
+        ),
+    ];
+    for (args, message) in cases {
+        let mut all: Vec<&std::ffi::OsStr> =
+            vec!["search".as_ref(), "--device".as_ref(), "cpu".as_ref()];
+        all.extend(args);
+        let output = run_cli(&all);
+        assert!(!output.status.success(), "{all:?} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(message), "{all:?}: {stderr}");
+    }
+}
+
+#[test]
+fn mine_prints_the_closest_pair_first() {
+    let file = temp_file("mine.txt", CORPUS.as_bytes());
+    let json = run_cli_json(&[
+        "mine".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--top-k".as_ref(),
+        "1".as_ref(),
+        "--file".as_ref(),
+        file.as_os_str(),
+    ]);
+    let pairs = json.as_array().unwrap();
+    assert!(!pairs.is_empty());
+    assert_eq!(
+        (pairs[0]["i"].as_u64(), pairs[0]["j"].as_u64()),
+        (Some(0), Some(3)),
+        "{json}"
+    );
+    assert_eq!(pairs[0]["text_j"], "Share prices plunged this morning.");
 }

@@ -1,7 +1,7 @@
 //! The model layer (`sentence_mtl::model`): the BERT encoder against
 //! candle-transformers and sentence-transformers, its fine-tuning path, bad
-//! model files and inputs, the multi-task model's losses and freezing, and the
-//! STS benchmark end to end.
+//! model files and inputs, the multi-task model's losses and freezing, semantic
+//! search and paraphrase mining, and the STS benchmark end to end.
 
 // Both support modules include `common/shared.rs` (the shared data's path).
 #![allow(clippy::duplicate_mod)]
@@ -17,4 +17,5 @@ mod encoder_bad_input;
 mod encoder_options;
 mod encoder_parity;
 mod multitask_model;
+mod search;
 mod sts;

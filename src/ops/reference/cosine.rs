@@ -148,6 +148,27 @@ pub fn cosine_similarity_matrix_backward(
     )
 }
 
+/// The `k` corpus rows most cosine-similar to each query, best first: for each
+/// of the `[q, h]` queries, `(index, score)` of the `min(k, rows)` best rows of
+/// the `[rows, h]` corpus, ties broken by the lower index. Brute force: every
+/// score, then a sort.
+pub fn cosine_top_k(queries: &[f64], corpus: &[f64], h: usize, k: usize) -> Vec<Vec<(usize, f64)>> {
+    let corpus_rows: Vec<&[f64]> = rows(corpus, h).collect();
+    rows(queries, h)
+        .map(|q| {
+            let qn = norm(q).max(EPS);
+            let mut scored: Vec<(usize, f64)> = corpus_rows
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i, dot(q, c) / (qn * norm(c).max(EPS))))
+                .collect();
+            scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            scored.truncate(k);
+            scored
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,25 +189,4 @@ mod tests {
         let dx = l2_normalize_backward(&[1e-13, 0.0], &[1.0, 2.0], 2);
         assert_eq!(dx, vec![1.0 / EPS, 2.0 / EPS]);
     }
-}
-
-/// The `k` corpus rows most cosine-similar to each query, best first: for each
-/// of the `[q, h]` queries, `(index, score)` of the `min(k, rows)` best rows of
-/// the `[rows, h]` corpus, ties broken by the lower index. Brute force: every
-/// score, then a sort.
-pub fn cosine_top_k(queries: &[f64], corpus: &[f64], h: usize, k: usize) -> Vec<Vec<(usize, f64)>> {
-    let corpus_rows: Vec<&[f64]> = rows(corpus, h).collect();
-    rows(queries, h)
-        .map(|q| {
-            let qn = norm(q).max(EPS);
-            let mut scored: Vec<(usize, f64)> = corpus_rows
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (i, dot(q, c) / (qn * norm(c).max(EPS))))
-                .collect();
-            scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            scored.truncate(k);
-            scored
-        })
-        .collect()
 }
