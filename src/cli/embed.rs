@@ -22,9 +22,17 @@ pub struct EncoderArgs {
     /// Sentences per forward pass.
     #[arg(long, default_value_t = crate::model::encoder::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
-    /// Pooling, overriding the model's 1_Pooling/config.json.
-    #[arg(long, value_enum)]
-    pub pooling: Option<Pooling>,
+    /// Pooling, overriding the model's 1_Pooling/config.json; several modes
+    /// (comma-separated) are concatenated.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub pooling: Vec<Pooling>,
+    /// Text put before every sentence (sentence-transformers' `prompt`).
+    #[arg(long, conflicts_with = "prompt_name")]
+    pub prompt: Option<String>,
+    /// One of the model's named prompts (config_sentence_transformers.json),
+    /// e.g. `query`.
+    #[arg(long)]
+    pub prompt_name: Option<String>,
     /// Do not L2-normalise embeddings, even if the model's pipeline does.
     #[arg(long)]
     pub no_normalize: bool,
@@ -44,8 +52,14 @@ impl EncoderArgs {
         let mut encoder = SentenceEncoder::load(&self.model, self.device.dtype(), &device)?
             .with_batch_size(self.batch_size)
             .with_progress(true);
-        if let Some(pooling) = self.pooling {
-            encoder = encoder.with_pooling(pooling);
+        if !self.pooling.is_empty() {
+            encoder = encoder.with_pooling_modes(&self.pooling)?;
+        }
+        if let Some(prompt) = &self.prompt {
+            encoder = encoder.with_prompt(Some(prompt))?;
+        }
+        if let Some(name) = &self.prompt_name {
+            encoder = encoder.with_prompt_name(name)?;
         }
         if self.no_normalize {
             encoder = encoder.with_normalize(false);

@@ -5,9 +5,9 @@
 //! softmax included, see [`super::layers`]), dropout is real in training, and
 //! the attention mask stays finite in f16 and bf16.
 
+use super::config::{BertConfig, HiddenAct};
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{embedding, Embedding, Module, VarBuilder};
-use candle_transformers::models::bert::{Config, HiddenAct};
 
 use crate::ops::attention::attention_packed;
 
@@ -25,7 +25,7 @@ struct Embeddings {
 }
 
 impl Embeddings {
-    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
         let hidden = config.hidden_size;
         Ok(Self {
             words: embedding(config.vocab_size, hidden, vb.pp("word_embeddings"))?,
@@ -82,7 +82,7 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
         let hidden = config.hidden_size;
         Ok(Self {
             query: Dense::load(hidden, hidden, vb.pp("query"))?,
@@ -173,7 +173,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
         let hidden = config.hidden_size;
         let eps = config.layer_norm_eps;
         let attention = vb.pp("attention");
@@ -227,8 +227,8 @@ pub struct BertEncoder {
     hidden_size: usize,
     max_positions: usize,
     /// Dropout probability, from `hidden_dropout_prob`; also used on the
-    /// attention probabilities (candle's `Config` has no
-    /// `attention_probs_dropout_prob`; BERT checkpoints set both to 0.1).
+    /// attention probabilities (BERT checkpoints set
+    /// `attention_probs_dropout_prob` to the same 0.1).
     /// Seedable: see [`BertEncoder::seed_dropout`].
     dropout: Dropout,
     /// Run the layers on the real tokens only (see [`BertEncoder::with_packing`]).
@@ -239,7 +239,7 @@ impl BertEncoder {
     /// Builds the encoder from `vb`, whose paths are Hugging Face's without the
     /// `bert.` prefix (`embeddings.word_embeddings.weight`,
     /// `encoder.layer.{i}.attention.self.query.weight`, ...).
-    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
         if let Err(e) = super::config::check_bert_config(config) {
             bail!("invalid BERT config: {e}");
         }

@@ -7,12 +7,12 @@
 //! encoder always asks for the same names: Hugging Face's, without `bert.`,
 //! LayerNorm parameters as `weight`/`bias`.
 
+use super::config::BertConfig;
 use anyhow::{bail, Context};
 use candle_core::safetensors::BufferedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
-use candle_transformers::models::bert::Config;
 
 use super::bert::BertEncoder;
 use super::config::load_bert_config;
@@ -138,7 +138,7 @@ fn load_with(
     dtype: DType,
     device: &Device,
     vars: Option<VarMap>,
-) -> anyhow::Result<(BertEncoder, Config)> {
+) -> anyhow::Result<(BertEncoder, BertConfig)> {
     check_dtype(dtype)?;
     let config = load_bert_config(files)?;
     let backend = CheckpointBackend::open(files, vars)?;
@@ -158,7 +158,7 @@ pub fn load_frozen(
     files: &ModelFiles,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<(BertEncoder, Config)> {
+) -> anyhow::Result<(BertEncoder, BertConfig)> {
     load_with(files, dtype, device, None)
 }
 
@@ -170,7 +170,7 @@ pub fn load_trainable(
     files: &ModelFiles,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<(BertEncoder, VarMap, Config)> {
+) -> anyhow::Result<(BertEncoder, VarMap, BertConfig)> {
     let vars = VarMap::new();
     let (encoder, config) = load_with(files, dtype, device, Some(vars.clone()))?;
     Ok((encoder, vars, config))

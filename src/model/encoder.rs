@@ -1,14 +1,17 @@
 //! [`SentenceEncoder`]: sentences in, one embedding per sentence out, as a
-//! sentence-transformers pipeline (Transformer, Pooling, optional Normalize).
+//! sentence-transformers pipeline (Transformer, Pooling, any Dense, optional
+//! Normalize), with its prompts.
 
 use anyhow::bail;
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokenizers::Tokenizer;
 
 use super::bert::BertEncoder;
 use super::checkpoint::load_frozen;
 use super::config::{Pooling, SentenceConfig};
+use super::dense::Dense;
+use super::pooling::{exclude_prefix, pool};
 use super::resolve::{resolve_model, ModelFiles};
 use super::tokenize::{load_tokenizer, pad, pad_id, tokenize, Tokens};
 
@@ -26,6 +29,13 @@ pub struct SentenceEncoder {
     /// length sorting.
     tokenizer: Tokenizer,
     settings: SentenceConfig,
+    /// The pipeline's Dense modules, loaded.
+    dense: Vec<Dense>,
+    /// Prepended to every text (sentence-transformers' `prompt`).
+    prompt: Option<String>,
+    /// The prompt's tokens, `[CLS]` included: left out of the pooling unless
+    /// the pooling includes the prompt.
+    prompt_tokens: usize,
     device: Device,
     batch_size: usize,
     progress: bool,
@@ -40,22 +50,59 @@ impl SentenceEncoder {
         Self::from_files(&files, dtype, device)
     }
 
-    /// Loads a model folder with the settings it declares (pooling from
-    /// `1_Pooling/config.json`, normalisation from `modules.json`, truncation
-    /// at `max_seq_length`).
+    /// Loads a model folder with the settings it declares (see
+    /// [`SentenceConfig::load`]: pooling, Dense modules, normalisation,
+    /// truncation at `max_seq_length`, the default prompt).
     pub fn from_files(files: &ModelFiles, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let settings = SentenceConfig::load(files)?;
         let (model, _config) = load_frozen(files, dtype, device)?;
         let tokenizer = load_tokenizer(files, settings.max_seq_length)?;
-        Ok(Self {
+        let dense = settings
+            .dense
+            .iter()
+            .map(|d| Dense::load(files, d, dtype, device))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let default_prompt = settings
+            .default_prompt_name
+            .as_ref()
+            .map(|name| settings.prompts[name].clone());
+        let encoder = Self {
             model,
             tokenizer,
             settings,
+            dense,
+            prompt: None,
+            prompt_tokens: 0,
             device: device.clone(),
             batch_size: DEFAULT_BATCH_SIZE,
             progress: false,
             truncate_dim: None,
-        })
+        };
+        encoder.check_widths()?;
+        encoder.with_prompt(default_prompt.as_deref())
+    }
+
+    /// The width pooling gives: the hidden size per pooling mode.
+    fn pooled_dim(&self) -> usize {
+        self.model.hidden_size() * self.settings.pooling.len()
+    }
+
+    /// Each Dense module takes what the step before it gives.
+    fn check_widths(&self) -> anyhow::Result<()> {
+        let mut width = self.pooled_dim();
+        for (dense, config) in self.dense.iter().zip(&self.settings.dense) {
+            if dense.in_features() != width {
+                bail!(
+                    "the Dense module in {:?} takes {} values, but the step before it gives {width} ({} pooling mode(s) of {})",
+                    config.path,
+                    dense.in_features(),
+                    self.settings.pooling.len(),
+                    self.model.hidden_size()
+                );
+            }
+            width = dense.out_features();
+        }
+        Ok(())
     }
 
     /// Sentences per forward pass (default 32); 0 is taken as 1.
@@ -64,10 +111,64 @@ impl SentenceEncoder {
         self
     }
 
-    /// Overrides the pooling the model folder declares.
-    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
-        self.settings.pooling = pooling;
-        self
+    /// Overrides the pooling the model folder declares with one mode.
+    pub fn with_pooling(self, pooling: Pooling) -> Self {
+        self.with_pooling_modes(&[pooling])
+            .expect("one mode is never empty")
+    }
+
+    /// Overrides the pooling with `modes`, concatenated in sentence-transformers'
+    /// order. An error when there is none, or when the model's Dense module
+    /// takes another width.
+    pub fn with_pooling_modes(mut self, modes: &[Pooling]) -> anyhow::Result<Self> {
+        if modes.is_empty() {
+            bail!("no pooling mode");
+        }
+        let mut modes = modes.to_vec();
+        modes.sort_by_key(|m| Pooling::ALL.iter().position(|a| a == m));
+        modes.dedup();
+        let before = std::mem::replace(&mut self.settings.pooling, modes);
+        if let Err(e) = self.check_widths() {
+            self.settings.pooling = before;
+            return Err(e);
+        }
+        Ok(self)
+    }
+
+    /// Prepends `prompt` to every text (sentence-transformers' `prompt=`);
+    /// `None` for none. Its tokens are left out of the pooling where the
+    /// model's pooling says `include_prompt: false`.
+    pub fn with_prompt(mut self, prompt: Option<&str>) -> anyhow::Result<Self> {
+        self.prompt_tokens = match prompt {
+            // As sentence-transformers counts it: the prompt tokenised alone,
+            // less its trailing [SEP].
+            Some(p) => tokenize(&self.tokenizer, &[p])?[0].len().saturating_sub(1),
+            None => 0,
+        };
+        self.prompt = prompt.map(str::to_string);
+        Ok(self)
+    }
+
+    /// Uses the model's prompt called `name` (`config_sentence_transformers.json`);
+    /// an error naming the known prompts when there is no such one.
+    pub fn with_prompt_name(self, name: &str) -> anyhow::Result<Self> {
+        let Some(prompt) = self.settings.prompts.get(name).cloned() else {
+            let known: Vec<&str> = self.settings.prompts.keys().map(String::as_str).collect();
+            bail!(
+                "the model has no prompt named {name:?}; its prompts: {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        self.with_prompt(Some(&prompt))
+    }
+
+    /// The prompt prepended to every text, if any.
+    pub fn prompt(&self) -> Option<&str> {
+        self.prompt.as_deref()
     }
 
     /// Overrides whether embeddings are L2-normalised.
@@ -82,9 +183,9 @@ impl SentenceEncoder {
     /// hidden size.
     pub fn with_truncate_dim(mut self, dim: Option<usize>) -> anyhow::Result<Self> {
         if let Some(d) = dim {
-            let hidden = self.model.hidden_size();
-            if d == 0 || d > hidden {
-                bail!("truncate_dim {d} must be between 1 and the model's embedding size {hidden}");
+            let full = self.full_dim();
+            if d == 0 || d > full {
+                bail!("truncate_dim {d} must be between 1 and the model's embedding size {full}");
             }
         }
         self.truncate_dim = dim;
@@ -117,9 +218,16 @@ impl SentenceEncoder {
         self.settings.max_seq_length
     }
 
-    /// The width of an embedding: the model's hidden size, or the truncation's.
+    /// The width of an embedding: what the pipeline gives (the hidden size per
+    /// pooling mode, or the last Dense module's output), or the truncation's.
     pub fn embedding_dim(&self) -> usize {
-        self.truncate_dim.unwrap_or(self.model.hidden_size())
+        self.truncate_dim.unwrap_or(self.full_dim())
+    }
+
+    fn full_dim(&self) -> usize {
+        self.dense
+            .last()
+            .map_or(self.pooled_dim(), Dense::out_features)
     }
 
     /// The device the model runs on.
@@ -127,9 +235,17 @@ impl SentenceEncoder {
         &self.device
     }
 
-    /// Tokenizes `texts` one by one: `[CLS] ... [SEP]`, truncated, unpadded.
+    /// Tokenizes `texts` one by one, after the prompt if one is set: `[CLS] ...
+    /// [SEP]`, truncated, unpadded.
     pub fn tokenize(&self, texts: &[&str]) -> anyhow::Result<Vec<Tokens>> {
-        tokenize(&self.tokenizer, texts)
+        match &self.prompt {
+            Some(prompt) => {
+                let prompted: Vec<String> = texts.iter().map(|t| format!("{prompt}{t}")).collect();
+                let refs: Vec<&str> = prompted.iter().map(String::as_str).collect();
+                tokenize(&self.tokenizer, &refs)
+            }
+            None => tokenize(&self.tokenizer, texts),
+        }
     }
 
     /// Embeds `texts`: `[N, H]` in the model's dtype, row `i` for `texts[i]`.
@@ -166,7 +282,8 @@ impl SentenceEncoder {
         Ok(sorted.index_select(&position, 0)?)
     }
 
-    /// Embeds one batch of tokenized texts, `[B, H]`, in their order.
+    /// Embeds one batch of texts tokenized by [`tokenize`](Self::tokenize),
+    /// `[B, D]`, in their order.
     pub fn encode_tokens(&self, tokens: &[&Tokens]) -> anyhow::Result<Tensor> {
         let batch = pad(tokens, pad_id(&self.tokenizer), &self.device)?;
         let hidden = self.model.forward_inference(
@@ -174,10 +291,15 @@ impl SentenceEncoder {
             Some(&batch.token_type_ids),
             &batch.attention_mask,
         )?;
-        let pooled = match self.settings.pooling {
-            Pooling::Mean => crate::ops::masked_mean_pool(&hidden, &batch.attention_mask)?,
-            Pooling::Cls => hidden.i((.., 0, ..))?.contiguous()?,
+        let mask = if self.settings.include_prompt {
+            batch.attention_mask.clone()
+        } else {
+            exclude_prefix(&batch.attention_mask, self.prompt_tokens)?
         };
+        let mut pooled = pool(&hidden, &mask, &self.settings.pooling)?;
+        for dense in &self.dense {
+            pooled = dense.forward(&pooled)?;
+        }
         // Truncate before normalising, so a truncated embedding has unit norm too.
         let pooled = match self.truncate_dim {
             Some(d) if d < pooled.dim(1)? => pooled.narrow(1, 0, d)?.contiguous()?,

@@ -3,14 +3,17 @@
 //!
 //! - [`resolve`]: finds a model's folder (local path, Hugging Face cache, our
 //!   own cache filled by `scripts/fetch-model.sh`, or a download).
-//! - [`config`]: reads `config.json`, `sentence_bert_config.json`, the pooling
-//!   and normalisation settings of a sentence-transformers folder.
+//! - [`config`]: reads `config.json` ([`BertConfig`]), `sentence_bert_config.json`,
+//!   and a sentence-transformers folder's modules (pooling, Dense, Normalize)
+//!   and prompts.
 //! - [`checkpoint`]: loads safetensors weights with or without the `bert.`
 //!   prefix, as plain tensors or as trainable `Var`s.
 //! - [`layers`]: the differentiable building blocks (LayerNorm, softmax,
 //!   attention mask bias, dropout) and their no-gradient fast twins.
 //! - [`bert`]: [`BertEncoder`], the transformer itself.
 //! - [`tokenize`]: tokenizer loading and batch encoding to tensors.
+//! - [`pooling`]: every sentence-transformers pooling mode ([`pool`]).
+//! - [`dense`]: a sentence-transformers `Dense` module ([`Dense`]).
 //! - [`encoder`]: [`SentenceEncoder`], sentences in, embeddings out.
 //! - [`search`]: semantic search and paraphrase mining, chunked, on float or
 //!   quantised embeddings.
@@ -22,9 +25,11 @@
 pub mod bert;
 pub mod checkpoint;
 pub mod config;
+pub mod dense;
 pub mod encoder;
 pub mod layers;
 pub mod multitask;
+pub mod pooling;
 pub mod quantize;
 pub mod resolve;
 pub mod search;
@@ -32,9 +37,14 @@ pub mod tokenize;
 
 pub use bert::BertEncoder;
 pub use checkpoint::{load_frozen, load_trainable};
-pub use config::{load_bert_config, max_seq_length, Pooling, SentenceConfig};
+pub use config::{
+    load_bert_config, max_seq_length, BertConfig, DenseActivation, DenseConfig, HiddenAct, Pooling,
+    SentenceConfig,
+};
+pub use dense::Dense;
 pub use encoder::SentenceEncoder;
 pub use multitask::{Freeze, Head, MultiTaskModel};
+pub use pooling::pool;
 pub use quantize::{quantize_embeddings, Precision, QuantizedEmbeddings, QuantizedValues, Ranges};
 pub use resolve::{resolve_cached, resolve_model, ModelFiles, DEFAULT_MODEL};
 pub use search::{paraphrase_mine, search_embeddings, search_quantized, Hit, Pair};

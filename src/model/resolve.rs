@@ -16,8 +16,9 @@ pub const CACHE_ENV: &str = "SENTENCE_MTL_CACHE";
 /// Files every model folder must have.
 const REQUIRED: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 /// Files a sentence-transformers folder may add; fetched when present.
-const OPTIONAL: [&str; 3] = [
+const OPTIONAL: [&str; 4] = [
     "sentence_bert_config.json",
+    "config_sentence_transformers.json",
     "modules.json",
     "1_Pooling/config.json",
 ];
@@ -176,9 +177,33 @@ fn download(repo_id: &str) -> anyhow::Result<ModelFiles> {
             config = Some(path);
         }
     }
+    let mut modules = None;
     for name in OPTIONAL {
         // Plain BERT checkpoints have none of these; their absence is fine.
-        let _ = repo.get(name);
+        let path = repo.get(name).ok();
+        if name == "modules.json" {
+            modules = path;
+        }
+    }
+    // Each module's own folder: its config, and a Dense module's weights.
+    let listed: Vec<serde_json::Value> = modules
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    for module in &listed {
+        let folder = module["path"].as_str().unwrap_or_default();
+        if folder.is_empty() {
+            continue;
+        }
+        let _ = repo.get(&format!("{folder}/config.json"));
+        if module["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(".Dense"))
+            && repo.get(&format!("{folder}/model.safetensors")).is_err()
+        {
+            repo.get(&format!("{folder}/pytorch_model.bin"))
+                .with_context(|| format!("downloading the weights of {folder} of {repo_id}"))?;
+        }
     }
     let dir = config
         .as_deref()

@@ -94,7 +94,28 @@ fn pooling_is_one_of_the_pooling_modes() {
     let Command::Embed(args) = cli.command else {
         panic!("not embed")
     };
-    assert_eq!(args.encoder.pooling, Some(Pooling::Cls));
+    assert_eq!(args.encoder.pooling, vec![Pooling::Cls]);
+    // Several modes (concatenated), by our names or sentence-transformers'.
+    let cli = parse(&[
+        "embed",
+        "x",
+        "--pooling",
+        "mean,weighted-mean,lasttoken,mean_sqrt_len_tokens",
+    ])
+    .unwrap();
+    let Command::Embed(args) = cli.command else {
+        panic!("not embed")
+    };
+    assert_eq!(
+        args.encoder.pooling,
+        vec![
+            Pooling::Mean,
+            Pooling::WeightedMean,
+            Pooling::LastToken,
+            Pooling::MeanSqrtLen
+        ]
+    );
+    assert!(parse(&["embed", "x", "--prompt", "q: ", "--prompt-name", "query"]).is_err());
     let err = parse(&["embed", "x", "--pooling", "maximum"])
         .unwrap_err()
         .to_string();
@@ -311,4 +332,42 @@ fn mine_prints_the_closest_pair_first() {
         "{json}"
     );
     assert_eq!(pairs[0]["text_j"], "Share prices plunged this morning.");
+}
+
+#[test]
+fn an_unknown_prompt_name_is_an_error_naming_the_models_prompts() {
+    let output = run_cli(&[
+        "embed".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--prompt-name".as_ref(),
+        "query".as_ref(),
+        "x".as_ref(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no prompt named \"query\"") && stderr.contains("none"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_prompt_changes_the_embedding_as_the_text_written_before_it_would() {
+    let embed = |args: &[&str]| -> Vec<Vec<f64>> {
+        let mut all: Vec<&std::ffi::OsStr> =
+            vec!["embed".as_ref(), "--device".as_ref(), "cpu".as_ref()];
+        all.extend(args.iter().map(std::ffi::OsStr::new));
+        serde_json::from_value(run_cli_json(&all)).unwrap()
+    };
+    let prompted = embed(&["--prompt", "query: ", "how do magnets work"]);
+    let written = embed(&["query: how do magnets work"]);
+    let plain = embed(&["how do magnets work"]);
+    for (a, b) in prompted[0].iter().zip(&written[0]) {
+        assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+    }
+    assert!(prompted[0]
+        .iter()
+        .zip(&plain[0])
+        .any(|(a, b)| (a - b).abs() > 1e-3));
 }

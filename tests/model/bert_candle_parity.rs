@@ -13,7 +13,10 @@ use sentence_mtl::model::{load_bert_config, load_trainable};
 #[test]
 fn f32_output_equals_candle_transformers_bert() {
     let files = model_files();
-    let config = load_bert_config(&files).unwrap();
+    // Their own config type, from the same file; ours must accept it too.
+    load_bert_config(&files).unwrap();
+    let config: candle_transformers::models::bert::Config =
+        serde_json::from_str(&std::fs::read_to_string(&files.config).unwrap()).unwrap();
     let bytes = std::fs::read(&files.weights).unwrap();
     let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu).unwrap();
     let theirs = BertModel::load(vb, &config).unwrap();

@@ -25,7 +25,9 @@ fn model_copy(name: &str, weights: &[u8]) -> PathBuf {
         "tokenizer.json",
         "sentence_bert_config.json",
         "modules.json",
+        "1_Pooling/config.json",
     ] {
+        std::fs::create_dir_all(dir.join(file).parent().unwrap()).unwrap();
         std::fs::copy(source.dir.join(file), dir.join(file)).unwrap();
     }
     std::fs::write(dir.join("model.safetensors"), weights).unwrap();

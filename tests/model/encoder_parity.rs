@@ -29,7 +29,7 @@ fn f32_embeddings_match_sentence_transformers() {
     let reference = Reference::load();
     let texts = reference.texts();
     let model = encoder(DType::F32);
-    assert_eq!(model.settings().pooling, Pooling::Mean);
+    assert_eq!(model.settings().pooling, vec![Pooling::Mean]);
     assert!(model.settings().normalize);
     assert_eq!(model.max_seq_length(), 256);
 

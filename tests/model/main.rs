@@ -17,5 +17,6 @@ mod encoder_bad_input;
 mod encoder_options;
 mod encoder_parity;
 mod multitask_model;
+mod pooling;
 mod search;
 mod sts;
