@@ -9,6 +9,9 @@
 //!   criterion's throughput gives the achieved bandwidth, and a printed line the
 //!   bytes moved and the time they take at 4.3 TB/s.
 //!
+//! - Top-k: `cosine_top_k` of 256 queries in 1M rows against forming the
+//!   cosine matrix alone.
+//!
 //! Every timed iteration synchronises the device and takes the next of several
 //! input sets, so no input is still in L2 from the previous iteration.
 
@@ -17,7 +20,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput};
-use sentence_mtl::ops::{cosine_similarity, cosine_similarity_matrix, l2_normalize};
+use sentence_mtl::ops::{cosine_similarity, cosine_similarity_matrix, cosine_top_k, l2_normalize};
 
 const EPS: f64 = 1e-12;
 const HBM_BYTES_PER_S: f64 = 4.3e12;
@@ -223,6 +226,47 @@ pub fn benches(c: &mut Criterion) {
             &sets,
             (&dev, Some(normalize)),
         );
+        g.finish();
+    }
+}
+
+/// Queries, corpus rows, width and k of the semantic-search bench.
+const TOP_K: (usize, usize, usize, usize) = (256, 1 << 20, 384, 10);
+
+/// The fused `cosine_top_k` against the `[Q, M]` cosine matrix it never forms
+/// (the matrix alone, before any sort: a lower bound for matrix + top-k), at
+/// 256 queries in a corpus of 1M rows.
+pub fn top_k_benches(c: &mut Criterion) {
+    let Ok(dev) = Device::new_cuda(0) else {
+        eprintln!("cuda top-k benches skipped: no CUDA device");
+        return;
+    };
+    let (q, m, h, k) = TOP_K;
+    for dtype in [DType::F32, DType::BF16] {
+        let make = |rows: usize| -> Tensor {
+            Tensor::randn(0f32, 1f32, (rows, h), &dev)
+                .and_then(|t| t.to_dtype(dtype))
+                .expect("random input")
+        };
+        let (queries, corpus) = (make(q), make(m));
+        let mut g = group(
+            c,
+            format!("cuda/cosine/top-k [{q},{h}] in [{m},{h}] k {k} {dtype:?}"),
+        );
+        g.bench_function("fused top-k", |bench| {
+            bench.iter(|| {
+                let top = cosine_top_k(&queries, &corpus, k).expect("top-k");
+                dev.synchronize().expect("synchronize");
+                top
+            })
+        });
+        g.bench_function("matrix only", |bench| {
+            bench.iter(|| {
+                let scores = cosine_similarity_matrix(&queries, &corpus).expect("matrix");
+                dev.synchronize().expect("synchronize");
+                scores
+            })
+        });
         g.finish();
     }
 }

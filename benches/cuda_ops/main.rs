@@ -10,6 +10,7 @@ mod mean_pool;
 fn all(c: &mut Criterion) {
     mean_pool::benches(c);
     cosine::benches(c);
+    cosine::top_k_benches(c);
     cross_entropy::benches(c);
 }
 

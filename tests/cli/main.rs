@@ -264,15 +264,21 @@ fn search_refuses_k_zero_an_empty_corpus_bad_utf8_and_a_wrong_width_npy() {
     let corpus = temp_file("corpus-ok.txt", CORPUS.as_bytes());
     let empty = temp_file("corpus-empty.txt", b"");
     let bad_utf8 = temp_file("queries-bad.txt", b"fine\n\xff\xfe broken\n");
-    // An [2, 5] float32 .npy: the model's embeddings have 384 values.
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 5), }";
-    let padded = format!("{header:<117}\n");
-    npy.extend_from_slice(&(padded.len() as u16).to_le_bytes());
-    npy.extend_from_slice(padded.as_bytes());
-    npy.extend(std::iter::repeat_n(0u8, 2 * 5 * 4));
-    let narrow = temp_file("corpus-narrow.npy", &npy);
-    let cases: [(Vec<&std::ffi::OsStr>, &str); 4] = [
+    // An [2, 5] float32 .npy (the model's embeddings have 384 values), and
+    // an [2, 384] int32 one.
+    let npy = |descr: &str, cols: usize| -> Vec<u8> {
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        let header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (2, {cols}), }}");
+        let padded = format!("{header:<117}\n");
+        npy.extend_from_slice(&(padded.len() as u16).to_le_bytes());
+        npy.extend_from_slice(padded.as_bytes());
+        npy.extend(std::iter::repeat_n(0u8, 2 * cols * 4));
+        npy
+    };
+    let narrow = temp_file("corpus-narrow.npy", &npy("<f4", 5));
+    let integer = temp_file("corpus-int.npy", &npy("<i4", 384));
+    let cases: [(Vec<&std::ffi::OsStr>, &str); 5] = [
         (
             vec![
                 "--top-k".as_ref(),
@@ -299,6 +305,10 @@ fn search_refuses_k_zero_an_empty_corpus_bad_utf8_and_a_wrong_width_npy() {
         (
             vec!["--corpus".as_ref(), narrow.as_os_str(), "q".as_ref()],
             "384",
+        ),
+        (
+            vec!["--corpus".as_ref(), integer.as_os_str(), "q".as_ref()],
+            "float",
         ),
     ];
     for (args, message) in cases {
