@@ -45,7 +45,7 @@ pub struct TrainArgs {
     /// Rows per forward pass when evaluating.
     #[arg(long, default_value_t = 64)]
     pub eval_batch_size: usize,
-    /// Truncation length in tokens ([CLS] and [SEP] included).
+    /// Truncation length in tokens (`[CLS]` and `[SEP]` included).
     #[arg(long, default_value_t = 64)]
     pub max_len: usize,
     /// AdamW learning rate of the encoder (embeddings and layers).

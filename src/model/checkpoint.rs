@@ -3,7 +3,7 @@
 //! Checkpoints name their tensors `bert.embeddings...` (pre-training and
 //! classification heads saved with the backbone) or `embeddings...` (a bare
 //! `BertModel`, as sentence-transformers saves it), and older ones call the
-//! LayerNorm parameters `gamma`/`beta`. [`CheckpointBackend`] hides both, so the
+//! LayerNorm parameters `gamma`/`beta`. `CheckpointBackend` hides both, so the
 //! encoder always asks for the same names: Hugging Face's, without `bert.`,
 //! LayerNorm parameters as `weight`/`bias`.
 

@@ -5,8 +5,8 @@
 //! `apply_op*_no_bwd`: a gradient reaching them stops there. Every block here
 //! therefore has two paths, chosen by [`Pass`]:
 //! - differentiable: our ops with a fused backward on the CPU
-//!   ([`crate::ops::layer_norm`], [`crate::ops::softmax_last_dim`],
-//!   [`crate::ops::gelu_erf`], [`crate::ops::linear`], [`crate::ops::attention`]),
+//!   ([`crate::ops::layer_norm()`], [`crate::ops::softmax_last_dim`],
+//!   [`crate::ops::gelu_erf`], [`crate::ops::linear()`], [`crate::ops::attention()`]),
 //!   composed candle ops
 //!   elsewhere; used for training and whenever gradients may be wanted;
 //! - fast (inference only): on the CPU the same ops of ours, which are fused
@@ -91,7 +91,7 @@ impl LayerNorm {
 /// A fully connected layer `y = x·Wᵀ + b` (Hugging Face's `nn.Linear` weights:
 /// `weight` `[out, in]`, `bias` `[out]`).
 ///
-/// Runs [`crate::ops::linear`]: on the CPU one product into a buffer that
+/// Runs [`crate::ops::linear()`]: on the CPU one product into a buffer that
 /// starts as the bias, and a backward of two products and a column sum.
 /// (candle-nn's `Linear` broadcasts the weight over the batch, and its backward
 /// then sums `B` copies of `[in, out]` with candle's slow strided reduction.)

@@ -19,7 +19,7 @@
 //!   quantised embeddings.
 //! - [`quantize`]: embeddings as int8, uint8 or packed bits
 //!   (sentence-transformers' `quantize_embeddings`).
-//! - [`multitask`]: [`MultiTaskModel`](multitask::MultiTaskModel), the encoder
+//! - [`multitask`]: [`MultiTaskModel`], the encoder
 //!   with two classification heads, and the freezing settings.
 
 pub mod bert;

@@ -83,7 +83,7 @@ float_elem!(bf16, f32, bf16::to_f32, bf16::from_f32);
 /// The dtype in which the composed (candle-op) forms accumulate softmax and
 /// LayerNorm statistics: f32 for the half types (their 8- or 11-bit mantissas
 /// lose too much in sums of hundreds of terms), the input's own dtype otherwise.
-/// The same rule as [`FloatElem::Acc`], for tensors.
+/// The same rule as `FloatElem::Acc`, for tensors.
 pub fn accumulation_dtype(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,

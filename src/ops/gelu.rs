@@ -4,7 +4,7 @@
 //! its recorded backward is a chain of five element-wise ops with two more
 //! `erf` and `exp` calls: together about a tenth of a training step. This op
 //! evaluates `erf` and `exp` with vectorisable f32 approximations
-//! ([`super::math`], `erf` within 7e-7) and computes the derivative in one pass.
+//! (`ops::math`, `erf` within 7e-7) and computes the derivative in one pass.
 //!
 //! `gelu(x) = x·Φ(x)`, `Φ(x) = (1 + erf(x/√2))/2`;
 //! `gelu'(x) = Φ(x) + x·φ(x)`, `φ(x) = exp(−x²/2)/√(2π)`.

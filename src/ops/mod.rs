@@ -12,17 +12,17 @@
 //! launch plans of its kernels, run by cudarc on a GPU or by the host harness in
 //! tests). The helpers they share (`dtype`: dtype dispatch; `layout`: strided
 //! views and checks; `math`: vectorisable `exp`/`ln`; `buffer`; `launch`) are
-//! private to the crate, except [`launch`] and [`host`], which the kernel tests
+//! private to the crate, except `launch` and `host` (under `host-kernels`), which the kernel tests
 //! drive directly.
 //!
 //! The encoder's training path adds CPU ops with a fused backward where
-//! candle's composed ops are slow on the CPU ([`layer_norm`], [`add_bias`],
-//! [`sum_rows`], [`softmax_last_dim`], [`gelu_erf`], [`linear`], and multi-head
-//! [`attention`] on a fused query-key-value projection); on other devices they compose candle ops.
+//! candle's composed ops are slow on the CPU ([`layer_norm()`], [`add_bias`],
+//! [`sum_rows`], [`softmax_last_dim`], [`gelu_erf`], [`linear()`], and multi-head
+//! [`attention()`] on a fused query-key-value projection); on other devices they compose candle ops.
 //!
 //! Every op takes f32, f16, bf16 and f64 (f16/bf16 accumulate in f32), honours
 //! strided and offset inputs, and returns an `Err` naming the problem for bad input.
-//! [`reference`] holds a plain f64 implementation of each, forward and backward.
+//! [`mod@reference`] holds a plain f64 implementation of each, forward and backward.
 
 pub mod attention;
 pub mod bias;

@@ -4,7 +4,7 @@
 //! candle ops (max, subtract, exp, sum, divide) it costs five passes forward
 //! and a longer chain backward over the attention probabilities, the largest
 //! activations of a BERT layer. This op is one pass per row forward (with a
-//! vectorised `exp`, [`super::math::exp_f32`]) and one backward:
+//! vectorised `exp`, `ops::math::exp_f32`) and one backward:
 //! `dx = y·(dy − Σ dy·y)`.
 //!
 //! f32, f16 and bf16 run the fused op on the CPU (f32 arithmetic); f64 and

@@ -339,7 +339,7 @@ impl MultiTaskTrainer {
     }
 
     /// Trains (or, in overfit mode, memorises one batch), then evaluates on the
-    /// test splits if configured. With [`Freeze::All`] nothing trains: the model
+    /// test splits if configured. With [`Freeze::All`](crate::model::Freeze::All) nothing trains: the model
     /// as loaded is evaluated and saved, and no step is taken.
     pub fn train(&mut self) -> anyhow::Result<TrainReport> {
         if self.run.is_none() {
