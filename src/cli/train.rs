@@ -87,7 +87,7 @@ pub struct TrainArgs {
     /// Overfit mode: memorise one mixed batch of this many rows (8 if no value).
     #[arg(long, value_name = "ROWS", num_args = 0..=1, default_missing_value = "8")]
     pub overfit_batch: Option<usize>,
-    /// Overfit mode's step limit.
+    /// Overfit mode's step budget (every step is taken).
     #[arg(long, default_value_t = 30)]
     pub overfit_steps: usize,
     /// Carry on from the checkpoint in --output (same settings).

@@ -73,14 +73,14 @@ pub struct TrainConfig {
 }
 
 /// Overfit mode: train on one batch (half head A, half head B) at a constant
-/// learning rate, checking after every step whether it is memorised.
+/// learning rate for a fixed number of steps, recording accuracy and loss on
+/// the batch after each.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct OverfitConfig {
     /// Rows in the batch (at least 2): `ceil(n/2)` from head A's task, the rest
     /// from head B's.
     pub batch_size: usize,
-    /// The most steps to take; training stops earlier once both heads get every
-    /// row right.
+    /// The steps to take, all of them (memorised is judged after the last).
     pub max_steps: usize,
 }
 

@@ -17,7 +17,9 @@ pub use config::{OverfitConfig, TrainConfig};
 pub use evaluate::{EvalReport, TaskEval};
 pub use metrics::{pearson, spearman, ConfusionMatrix, TaskMetrics};
 pub use optim::{AdamW, AdamWParams, ParamGroup};
-pub use records::{EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState};
+pub use records::{
+    EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState, MEMORISED_LOSS,
+};
 pub use schedule::LrSchedule;
 pub use sts::{evaluate_sts, StsReport};
 pub use trainer::MultiTaskTrainer;

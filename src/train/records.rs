@@ -59,22 +59,35 @@ pub struct TrainState {
     pub train_seconds: f64,
 }
 
-/// Overfit mode's outcome.
+/// Overfit mode's outcome. The batch counts as memorised when, after the
+/// whole step budget, both heads classify every row right and the total
+/// loss (eval mode) is below [`MEMORISED_LOSS`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OverfitReport {
     /// Rows in the memorised batch.
     pub batch_size: usize,
     /// Each head's accuracy on its rows of the batch before training.
     pub initial_accuracy: [f64; 2],
-    /// The step after which both heads classified the whole batch right.
+    /// The total loss on the batch before training (eval mode).
+    pub initial_loss: f64,
+    /// Both heads at 100% and the total loss below [`MEMORISED_LOSS`] after
+    /// the last step.
+    pub memorised: bool,
+    /// The first step after which both held.
     pub memorised_at: Option<usize>,
-    /// Steps taken.
+    /// Steps taken: the whole budget.
     pub steps: usize,
     /// Each head's accuracy on its rows of the batch after each step (eval mode).
     pub accuracy: Vec<[f64; 2]>,
-    /// Each head's loss on the batch at each step (training mode).
+    /// Each head's loss on the batch at each step (training mode, dropout on).
     pub loss: Vec<[Option<f32>; 2]>,
+    /// The total loss on the batch after each step (eval mode: the sum over the
+    /// heads of each head's mean cross-entropy on its rows).
+    pub eval_loss: Vec<f64>,
 }
+
+/// The total loss below which overfit mode counts a batch as memorised.
+pub const MEMORISED_LOSS: f64 = 0.05;
 
 /// The outcome of `train()`, printed as one JSON line by `sentence-mtl train`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,7 +117,8 @@ pub struct TrainReport {
 }
 
 /// Writes `loss.png`, `val_metrics.png` (when an epoch ended) and, in overfit
-/// mode, `overfit_accuracy.png` into `out`; returns the files written.
+/// mode, `overfit_accuracy.png` and `overfit_loss.png` into `out`; returns the
+/// files written.
 pub fn training_plots(
     out: &Path,
     tasks: &[String; 2],
@@ -193,6 +207,27 @@ pub fn training_plots(
             "step",
             "accuracy",
             &series,
+        )?;
+        written.push(path);
+        let points = std::iter::once((0.0, report.initial_loss))
+            .chain(
+                report
+                    .eval_loss
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| ((i + 1) as f64, l)),
+            )
+            .collect();
+        let path = out.join("overfit_loss.png");
+        line_chart(
+            &path,
+            "Overfit batch: total loss after each step (eval mode)",
+            "step",
+            "loss",
+            &[Series {
+                label: "loss".into(),
+                points,
+            }],
         )?;
         written.push(path);
     }

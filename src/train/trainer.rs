@@ -28,7 +28,9 @@ use super::config::TrainConfig;
 use super::evaluate::{argmax, evaluate_split, predict_probabilities, EvalReport};
 use super::metrics::TaskMetrics;
 use super::optim::{AdamW, ParamGroup};
-use super::records::{self, EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState};
+use super::records::{
+    self, EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState, MEMORISED_LOSS,
+};
 use super::schedule::LrSchedule;
 use crate::data::sampler::epoch_rng;
 use crate::data::{
@@ -530,8 +532,9 @@ impl MultiTaskTrainer {
     }
 
     /// Overfit mode: one batch, half head A and half head B (a seeded pick from
-    /// the training sets), trained at constant learning rates until both heads
-    /// get every row right in eval mode, or `max_steps`.
+    /// the training sets), trained at constant learning rates for all
+    /// `max_steps`; after each step, each head's accuracy and the total loss on
+    /// the batch in eval mode (see [`OverfitReport`]).
     fn overfit(&mut self, batch_size: usize, max_steps: usize) -> anyhow::Result<OverfitReport> {
         let config = self.config.clone();
         let run = self.run.as_mut().context("call setup() first")?;
@@ -555,26 +558,44 @@ impl MultiTaskTrainer {
             .map(|r| run.train[r.head.index()][r.index].clone())
             .collect();
         let row_refs: Vec<&Example> = rows.iter().collect();
-        // Each head's accuracy on its own rows of the batch, in eval mode.
-        let batch_accuracy = |model: &MultiTaskModel, pad_id: u32| -> anyhow::Result<[f64; 2]> {
+        // Each head's accuracy on its own rows of the batch, and the total
+        // loss (the heads' mean cross-entropies summed), in eval mode.
+        let batch_scores = |model: &MultiTaskModel,
+                            pad_id: u32|
+         -> anyhow::Result<([f64; 2], f64)> {
             let probs = predict_probabilities(model, &row_refs, pad_id, rows.len(), &self.device)?;
-            Ok(Head::BOTH.map(|head| {
-                let own = rows.iter().enumerate().filter(|(_, r)| r.head == head);
+            let mut loss = 0.0;
+            let accuracy = Head::BOTH.map(|head| {
+                let own: Vec<(usize, &Example)> = rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.head == head)
+                    .collect();
                 let right = own
-                    .clone()
+                    .iter()
                     .filter(|(i, r)| argmax(&probs[*i][head.index()]) == r.label)
                     .count();
-                right as f64 / own.count().max(1) as f64
-            }))
+                let nll: f64 = own
+                    .iter()
+                    .map(|(i, r)| -(probs[*i][head.index()][r.label] as f64).max(1e-300).ln())
+                    .sum();
+                loss += nll / own.len().max(1) as f64;
+                right as f64 / own.len().max(1) as f64
+            });
+            Ok((accuracy, loss))
         };
         let bar = progress_bar(config.verbose, max_steps as u64, 0);
+        let (initial_accuracy, initial_loss) = batch_scores(&run.model, run.pad_id)?;
         let mut report = OverfitReport {
             batch_size: rows.len(),
-            initial_accuracy: batch_accuracy(&run.model, run.pad_id)?,
+            initial_accuracy,
+            initial_loss,
+            memorised: false,
             memorised_at: None,
             steps: 0,
             accuracy: Vec::new(),
             loss: Vec::new(),
+            eval_loss: Vec::new(),
         };
         for step in 0..max_steps {
             let started = Instant::now();
@@ -589,28 +610,32 @@ impl MultiTaskTrainer {
                 lr_factor: 1.0,
                 grad_norm,
             });
-            let accuracy = batch_accuracy(&run.model, run.pad_id)?;
+            let (accuracy, eval_loss) = batch_scores(&run.model, run.pad_id)?;
             report.accuracy.push(accuracy);
             report.loss.push(loss);
+            report.eval_loss.push(eval_loss);
             report.steps = step + 1;
+            report.memorised = accuracy == [1.0, 1.0] && eval_loss < MEMORISED_LOSS;
+            if report.memorised && report.memorised_at.is_none() {
+                report.memorised_at = Some(step + 1);
+            }
             bar.set_message(format!(
-                "loss {total:.4} accuracy {:.2}/{:.2}",
+                "loss {total:.4} (eval {eval_loss:.4}) accuracy {:.2}/{:.2}",
                 accuracy[0], accuracy[1]
             ));
             bar.inc(1);
-            if accuracy == [1.0, 1.0] {
-                report.memorised_at = Some(step + 1);
-                break;
-            }
         }
         bar.finish_and_clear();
-        let message = match report.memorised_at {
-            Some(n) => format!("overfit: batch of {} memorised after {n} steps", rows.len()),
-            None => format!(
-                "overfit: batch of {} not memorised in {max_steps} steps",
-                rows.len()
-            ),
-        };
+        let final_loss = report.eval_loss.last().copied().unwrap_or(initial_loss);
+        let message = format!(
+            "overfit: batch of {}, loss {initial_loss:.3} -> {final_loss:.4} in {max_steps} steps: {}",
+            rows.len(),
+            if report.memorised {
+                "memorised (both heads 100%, loss < 0.05)"
+            } else {
+                "not memorised"
+            }
+        );
         log(self.config.verbose, &bar, &message);
         Ok(report)
     }
