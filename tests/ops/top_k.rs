@@ -59,6 +59,42 @@ fn top_k_equals_the_brute_force_reference_in_every_dtype_and_layout() {
 }
 
 #[test]
+fn duplicate_rows_in_different_chunks_score_exactly_alike() {
+    // Row 3 copied to rows 700 and 1400 (three CPU chunks of 512, different
+    // places in each chunk's blocked product), and to 7 in the first chunk.
+    let mut rng = rng(21);
+    for dtype in FLOAT_DTYPES {
+        let corpus = random_tensor(&mut rng, &[1500, 37], dtype, &CPU).unwrap();
+        let row = corpus.narrow(0, 3, 1).unwrap();
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for dup in [7, 700, 1400] {
+            parts.push(corpus.narrow(0, at, dup - at).unwrap());
+            parts.push(row.clone());
+            at = dup + 1;
+        }
+        parts.push(corpus.narrow(0, at, 1500 - at).unwrap());
+        let corpus = Tensor::cat(&parts, 0).unwrap();
+        let queries = Tensor::cat(&[row.clone(), (row * 0.5).unwrap()], 0).unwrap();
+        let top = cosine_top_k(&queries, &corpus, 4).unwrap();
+        let indices = top.indices.to_vec2::<u32>().unwrap();
+        let scores = top
+            .scores
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        for (q, (ix, sc)) in indices.iter().zip(&scores).enumerate() {
+            assert_eq!(ix, &[3, 7, 700, 1400], "{dtype:?} query {q}");
+            assert!(
+                sc.iter().all(|&s| s == sc[0]),
+                "{dtype:?} query {q}: {sc:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn equal_scores_go_to_the_lower_index() {
     // Rows 0, 2 and 4 are the same vector, row 3 a multiple of it: four equal
     // cosines (1 up to rounding for row 3), listed by index.

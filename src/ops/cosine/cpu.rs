@@ -317,6 +317,15 @@ impl TopList {
         }
     }
 
+    /// The worst score on the list once it is full: a hit must beat it.
+    #[inline]
+    fn worst(&self) -> Option<f64> {
+        if self.heap.len() < self.k {
+            return None;
+        }
+        self.heap.peek().map(|w| w.0.score)
+    }
+
     #[inline]
     fn offer(&mut self, hit: Hit) {
         if self.heap.len() < self.k {
@@ -342,32 +351,101 @@ impl TopList {
     }
 }
 
-/// Corpus rows per rayon job of the top-k search.
+/// Corpus rows per rayon job of the top-k search: one job's rows (384 f32
+/// values each: 768 KiB) stay in L2 while every query is scored against them.
 const TOP_K_CHUNK: usize = 512;
+
+fn to_f64<A: Accum>(v: A) -> f64 {
+    num_traits::ToPrimitive::to_f64(&v).unwrap_or(f64::NAN)
+}
 
 /// `1 / max(‖x‖, EPS)` from the squared norm.
 fn inverse_norm<A: Accum>(sq: A) -> A {
     A::one() / clamped_norm(sq).0
 }
 
+/// `out[i·n + j] = Σ_k a[i·h + k] · b[j·h + k]`: the `[m, n]` products of the
+/// rows of `a` `[m, h]` and `b` `[n, h]`, one blocked gemm on this thread.
+fn row_products<A: Accum + 'static>(a: &[A], b: &[A], h: usize, out: &mut [A]) {
+    let (m, n) = (a.len() / h, b.len() / h);
+    assert!(a.len() == m * h && b.len() == n * h && out.len() == m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every index gemm derives from these
+    // strides inside the three slices; `out` is not read (`read_dst` false).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            h,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            h as isize,
+            b.as_ptr(),
+            h as isize,
+            1,
+            A::zero(),
+            A::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// The `k` (at most the corpus's rows) most cosine-similar corpus rows of each
 /// query, best first: `[Q, k, 2]` as (score, index). Corpus chunks run in
-/// parallel, each keeping one list per query; no score matrix is formed.
-pub(super) fn cosine_top_k<T: FloatElem>(q: &Rows<T>, c: &Rows<T>, k: usize) -> Vec<f64> {
+/// parallel; each chunk's `[Q, chunk]` dot products are one blocked product
+/// (the gemm crate, in the accumulator type), scaled by the inverse norms and
+/// offered to one list per query. Memory is one chunk's scores, never `[Q, M]`.
+pub(super) fn cosine_top_k<T: FloatElem>(q: &Rows<T>, c: &Rows<T>, k: usize) -> Vec<f64>
+where
+    Acc<T>: 'static,
+{
     let (nq, m, h) = (q.count(), c.count(), q.len());
     let k = k.min(m);
     let mut scratch = Vec::new();
-    let queries: Vec<Vec<T>> = (0..nq).map(|i| q.row(i, &mut scratch).to_vec()).collect();
-    let inv_q: Vec<Acc<T>> = queries.iter().map(|r| inverse_norm(sum_sq(r))).collect();
+    let mut queries: Vec<Acc<T>> = Vec::with_capacity(nq * h);
+    let mut inv_q: Vec<Acc<T>> = Vec::with_capacity(nq);
+    for i in 0..nq {
+        let row = q.row(i, &mut scratch);
+        queries.extend(row.iter().map(|v| v.to_acc()));
+        inv_q.push(inverse_norm(sum_sq(row)));
+    }
+    // How far a gemm product may stray from the row-by-row dot product, on the
+    // cosine scale: rounding of h products and sums, |cos| <= 1.
+    let slack = 4.0 * (h as f64 + 2.0) * to_f64(Acc::<T>::epsilon());
     let chunk_lists = |chunk: usize| -> Vec<TopList> {
         let mut lists = vec![TopList::new(k); nq];
+        let rows = chunk * TOP_K_CHUNK..m.min((chunk + 1) * TOP_K_CHUNK);
         let mut scratch = Vec::new();
-        for i in chunk * TOP_K_CHUNK..m.min((chunk + 1) * TOP_K_CHUNK) {
+        let mut corpus: Vec<Acc<T>> = Vec::with_capacity(rows.len() * h);
+        let mut inv_c: Vec<Acc<T>> = Vec::with_capacity(rows.len());
+        for i in rows.clone() {
             let row = c.row(i, &mut scratch);
-            let inv_c = inverse_norm(sum_sq(row));
-            for ((list, query), &inv) in lists.iter_mut().zip(&queries).zip(&inv_q) {
-                let score = num_traits::ToPrimitive::to_f64(&(dot(query, row) * inv * inv_c))
-                    .unwrap_or(f64::NAN);
+            corpus.extend(row.iter().map(|v| v.to_acc()));
+            inv_c.push(inverse_norm(sum_sq(row)));
+        }
+        let mut dots = vec![Acc::<T>::zero(); nq * rows.len()];
+        row_products(&queries, &corpus, h, &mut dots);
+        for (qi, (list, dots)) in lists.iter_mut().zip(dots.chunks(rows.len())).enumerate() {
+            let mut query_scratch = Vec::new();
+            for ((i, &d), &ic) in rows.clone().zip(dots).zip(&inv_c) {
+                let approx = to_f64(d * inv_q[qi] * ic);
+                if list.worst().is_some_and(|w| approx + slack < w) {
+                    continue;
+                }
+                // A candidate: scored again row by row, so its score does not
+                // depend on where the row fell in the gemm's blocks (an exact
+                // duplicate scores exactly alike, and ties go to the lower index).
+                let exact = dot(q.row(qi, &mut query_scratch), c.row(i, &mut scratch));
+                let score = to_f64(exact * inv_q[qi] * ic);
                 list.offer(Hit {
                     score: if score.is_nan() {
                         f64::NEG_INFINITY

@@ -36,7 +36,8 @@
 //!   whenever `N·M > (N+M)·H`.
 //!
 //! `cosine_top_k` scores corpus chunks and keeps one bounded list per query
-//! (CPU: chunks in parallel, a heap per query; CUDA: a block per query and
+//! (CPU: chunks in parallel, each chunk's dot products one blocked gemm,
+//! candidates rescored row by row into a heap per query; CUDA: a block per query and
 //! corpus slice merges each scored tile into a shared-memory list by bitonic
 //! sort, then a block per query merges the slices' lists).
 //!
