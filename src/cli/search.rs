@@ -3,14 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::embed::{read_sentences, EncoderArgs};
+use crate::model::npy::NpyMatrix;
 use crate::model::quantize::{quantize_embeddings, Precision, Ranges};
 use crate::model::search::{
-    paraphrase_mine, search_embeddings, search_quantized, Hit, DEFAULT_CHUNK_ROWS,
+    paraphrase_mine, search_npy, search_quantized, Hit, DEFAULT_CHUNK_ROWS,
 };
 use crate::model::SentenceEncoder;
 
@@ -22,8 +23,8 @@ pub struct SearchArgs {
     /// File with one query per line ("-" for stdin).
     #[arg(long, short)]
     pub file: Option<PathBuf>,
-    /// The corpus: a text file (one row per line), or a float32 [M, D] .npy of
-    /// its embeddings (from `embed --format npy`).
+    /// The corpus: a text file (one row per line), or a float [M, D] .npy of
+    /// its embeddings (from `embed --format npy`), read --chunk-rows rows at a time.
     #[arg(long, value_name = "FILE")]
     pub corpus: PathBuf,
     /// For an .npy corpus: its texts, one per line, to print beside the hits.
@@ -62,29 +63,28 @@ fn lines(path: &Path) -> anyhow::Result<Vec<String>> {
     read_sentences(&[], Some(path))
 }
 
-/// The corpus as embeddings (from .npy) or texts.
+/// The corpus as embeddings (an .npy file, read chunk by chunk) or texts.
 enum Corpus {
-    Embeddings(Tensor),
+    Embeddings(NpyMatrix),
     Texts(Vec<String>),
 }
 
 fn read_corpus(path: &Path, encoder: &SentenceEncoder) -> anyhow::Result<Corpus> {
     if path.extension().is_some_and(|e| e == "npy") {
-        let t =
-            Tensor::read_npy(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let matrix = NpyMatrix::open(path)?;
         let dim = encoder.embedding_dim();
-        if t.rank() != 2 || t.dim(1)? != dim || !t.dtype().is_float() {
+        if matrix.cols != dim {
             bail!(
-                "{}: an .npy corpus must be float [M, {dim}] embeddings of this encoder, got {:?} {:?}",
+                "{}: an .npy corpus must be float [M, {dim}] embeddings of this encoder, got [{}, {}]",
                 path.display(),
-                t.dtype(),
-                t.dims()
+                matrix.rows,
+                matrix.cols
             );
         }
-        if t.dim(0)? == 0 {
+        if matrix.rows == 0 {
             bail!("{}: the corpus has no rows", path.display());
         }
-        return Ok(Corpus::Embeddings(t.to_dtype(DType::F32)?));
+        return Ok(Corpus::Embeddings(matrix));
     }
     let texts = lines(path)?;
     Ok(Corpus::Texts(texts))
@@ -110,20 +110,22 @@ pub fn run_search(args: SearchArgs) -> anyhow::Result<()> {
             };
             (hits, Some(rows))
         }
-        Corpus::Embeddings(c) => {
+        Corpus::Embeddings(mut c) => {
             let q = encoder.encode(&texts)?.to_dtype(DType::F32)?;
             let hits = if args.precision == Precision::Float32 {
-                search_embeddings(&q, &c, args.top_k, args.chunk_rows)?
+                search_npy(&q, &mut c, args.top_k, args.chunk_rows)?
             } else {
-                quantized(&q, &c, args.precision, args.top_k)?
+                // The int8/uint8 ranges come from the whole corpus.
+                let all = c.read_rows(0, c.rows, q.device())?;
+                quantized(&q, &all, args.precision, args.top_k)?
             };
             let rows = args.corpus_text.as_deref().map(lines).transpose()?;
             if let Some(rows) = &rows {
-                if rows.len() != c.dim(0)? {
+                if rows.len() != c.rows {
                     bail!(
                         "--corpus-text has {} lines, the corpus {} rows",
                         rows.len(),
-                        c.dim(0)?
+                        c.rows
                     );
                 }
             }

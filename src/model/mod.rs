@@ -17,6 +17,7 @@
 //! - [`encoder`]: [`SentenceEncoder`], sentences in, embeddings out.
 //! - [`search`]: semantic search and paraphrase mining, chunked, on float or
 //!   quantised embeddings.
+//! - [`npy`]: `.npy` matrices read a block of rows at a time.
 //! - [`quantize`]: embeddings as int8, uint8 or packed bits
 //!   (sentence-transformers' `quantize_embeddings`).
 //! - [`multitask`]: [`MultiTaskModel`], the encoder
@@ -29,6 +30,7 @@ pub mod dense;
 pub mod encoder;
 pub mod layers;
 pub mod multitask;
+pub mod npy;
 pub mod pooling;
 pub mod quantize;
 pub mod resolve;
@@ -44,7 +46,8 @@ pub use config::{
 pub use dense::Dense;
 pub use encoder::SentenceEncoder;
 pub use multitask::{Freeze, Head, MultiTaskModel};
+pub use npy::NpyMatrix;
 pub use pooling::pool;
 pub use quantize::{quantize_embeddings, Precision, QuantizedEmbeddings, QuantizedValues, Ranges};
 pub use resolve::{resolve_cached, resolve_model, ModelFiles, DEFAULT_MODEL};
-pub use search::{paraphrase_mine, search_embeddings, search_quantized, Hit, Pair};
+pub use search::{paraphrase_mine, search_embeddings, search_npy, search_quantized, Hit, Pair};

@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::encoder::SentenceEncoder;
+use super::npy::NpyMatrix;
 use super::quantize::{Precision, QuantizedEmbeddings, QuantizedValues};
 
 /// Corpus rows per chunk by default: 16k rows of 384 floats are 24 MiB.
@@ -60,6 +61,34 @@ pub fn search_embeddings(
             start,
             k,
         )?;
+        start += len;
+    }
+    Ok(lists)
+}
+
+/// [`search_embeddings`] over a corpus in an `.npy` file, read `chunk_rows`
+/// rows at a time: memory is one chunk's, whatever the file's size.
+pub fn search_npy(
+    queries: &Tensor,
+    corpus: &mut NpyMatrix,
+    k: usize,
+    chunk_rows: usize,
+) -> anyhow::Result<Vec<Vec<Hit>>> {
+    let m = corpus.rows;
+    check_k_and_rows(k, m)?;
+    ensure!(
+        queries.rank() == 2 && queries.dim(1)? == corpus.cols,
+        "queries of shape {:?} against a corpus of {} values per row",
+        queries.dims(),
+        corpus.cols
+    );
+    let queries = queries.to_dtype(DType::F32)?;
+    let mut lists = vec![Vec::new(); queries.dim(0)?];
+    let mut start = 0;
+    while start < m {
+        let len = chunk_rows.max(1).min(m - start);
+        let chunk = corpus.read_rows(start, len, queries.device())?;
+        merge_chunk(&mut lists, &queries, &chunk, start, k)?;
         start += len;
     }
     Ok(lists)

@@ -381,3 +381,54 @@ fn a_prompt_changes_the_embedding_as_the_text_written_before_it_would() {
         .zip(&plain[0])
         .any(|(a, b)| (a - b).abs() > 1e-3));
 }
+
+#[test]
+fn search_on_embed_npy_output_finds_what_the_text_corpus_finds() {
+    let corpus = temp_file("corpus-for-npy.txt", CORPUS.as_bytes());
+    let npy = corpus.with_extension("npy");
+    let output = run_cli(&[
+        "embed".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--format".as_ref(),
+        "npy".as_ref(),
+        "--output".as_ref(),
+        npy.as_os_str(),
+        "--file".as_ref(),
+        corpus.as_os_str(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let search = |source: &std::path::Path| -> serde_json::Value {
+        run_cli_json(&[
+            "search".as_ref(),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            "--chunk-rows".as_ref(),
+            "1".as_ref(),
+            "--top-k".as_ref(),
+            "4".as_ref(),
+            "--corpus".as_ref(),
+            source.as_os_str(),
+            "Stocks fell sharply.".as_ref(),
+        ])
+    };
+    let (from_npy, from_text) = (search(&npy), search(&corpus));
+    let hits = |v: &serde_json::Value| -> Vec<(u64, f64)> {
+        v[0]["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h["index"].as_u64().unwrap(), h["score"].as_f64().unwrap()))
+            .collect()
+    };
+    let (a, b) = (hits(&from_npy), hits(&from_text));
+    assert_eq!(a.len(), 4);
+    for ((ia, sa), (ib, sb)) in a.iter().zip(&b) {
+        assert_eq!(ia, ib);
+        assert!((sa - sb).abs() <= 1e-5, "{sa} vs {sb}");
+    }
+}

@@ -232,3 +232,61 @@ fn encoder_search_in_chunks_finds_the_paraphrase_first() {
     let finance: Vec<usize> = chunked[1][..2].iter().map(|h| h.index).collect();
     assert!(finance.contains(&0) && finance.contains(&4), "{chunked:?}");
 }
+
+#[test]
+fn an_npy_corpus_searched_chunk_by_chunk_equals_the_whole_in_memory() {
+    use sentence_mtl::model::{search_npy, NpyMatrix};
+    let mut rng = StdRng::seed_from_u64(18);
+    let queries = tensor(&random_rows(&mut rng, 3, None));
+    let corpus = tensor(&random_rows(&mut rng, 97, Some((4, 90))));
+    let whole = search_embeddings(&queries, &corpus, 6, 1000).unwrap();
+    let dir = std::env::temp_dir().join(format!("sentence-mtl-npy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for dtype in [DType::F32, DType::F64] {
+        let path = dir.join(format!("corpus-{dtype:?}.npy"));
+        corpus.to_dtype(dtype).unwrap().write_npy(&path).unwrap();
+        let mut matrix = NpyMatrix::open(&path).unwrap();
+        assert_eq!((matrix.rows, matrix.cols, matrix.dtype), (97, H, dtype));
+        for chunk_rows in [1, 10, 97, 500] {
+            let got = search_npy(&queries, &mut matrix, 6, chunk_rows).unwrap();
+            assert_eq!(got, whole, "{dtype:?}, chunks of {chunk_rows}");
+        }
+    }
+    // Not float, Fortran order, truncated, not 2-D: clear errors.
+    let write = |name: &str, header: &str, bytes: usize| {
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        let padded = format!("{header:<117}\n");
+        npy.extend_from_slice(&(padded.len() as u16).to_le_bytes());
+        npy.extend_from_slice(padded.as_bytes());
+        npy.extend(std::iter::repeat_n(0u8, bytes));
+        let path = dir.join(name);
+        std::fs::write(&path, npy).unwrap();
+        NpyMatrix::open(&path).unwrap_err().to_string()
+    };
+    let e = write(
+        "int.npy",
+        "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }",
+        24,
+    );
+    assert!(e.contains("must be float"), "{e}");
+    let e = write(
+        "fortran.npy",
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }",
+        24,
+    );
+    assert!(e.contains("Fortran"), "{e}");
+    let e = write(
+        "short.npy",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
+        20,
+    );
+    assert!(e.contains("needs"), "{e}");
+    let e = write(
+        "flat.npy",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (6,), }",
+        24,
+    );
+    assert!(e.contains("not 2-D"), "{e}");
+    let mut matrix = NpyMatrix::open(&dir.join("corpus-F32.npy")).unwrap();
+    assert!(search_npy(&queries.narrow(1, 0, 5).unwrap(), &mut matrix, 2, 8).is_err());
+}
