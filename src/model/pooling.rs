@@ -96,7 +96,13 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, modes: &[Pooling]) -> Result<Tensor>
     if modes.is_empty() {
         candle_core::bail!("pooling: no pooling mode");
     }
-    let flags = flags(mask)?;
+    // 0/1 flags only for the modes that need them: the fused mean reads any mask.
+    let needs_flags = modes.iter().any(|m| !matches!(m, Pooling::Cls | Pooling::Mean));
+    let flags = if needs_flags {
+        flags(mask)?
+    } else {
+        mask.clone()
+    };
     let mut parts = Vec::with_capacity(modes.len());
     for mode in Pooling::ALL {
         if !modes.contains(&mode) {
@@ -105,7 +111,7 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, modes: &[Pooling]) -> Result<Tensor>
         parts.push(match mode {
             Pooling::Cls => hidden.i((.., 0, ..))?.contiguous()?,
             Pooling::Max => max_pool(hidden, &flags)?,
-            Pooling::Mean => crate::ops::masked_mean_pool(hidden, &flags)?,
+            Pooling::Mean => crate::ops::masked_mean_pool(hidden, mask)?,
             Pooling::MeanSqrtLen => weighted_mean(hidden, &weights(&flags, false)?, true)?,
             Pooling::WeightedMean => weighted_mean(hidden, &weights(&flags, true)?, false)?,
             Pooling::LastToken => last_token(hidden, &flags)?,
