@@ -97,7 +97,9 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, modes: &[Pooling]) -> Result<Tensor>
         candle_core::bail!("pooling: no pooling mode");
     }
     // 0/1 flags only for the modes that need them: the fused mean reads any mask.
-    let needs_flags = modes.iter().any(|m| !matches!(m, Pooling::Cls | Pooling::Mean));
+    let needs_flags = modes
+        .iter()
+        .any(|m| !matches!(m, Pooling::Cls | Pooling::Mean));
     let flags = if needs_flags {
         flags(mask)?
     } else {
