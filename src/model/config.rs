@@ -190,6 +190,15 @@ impl Pooling {
         Pooling::LastToken,
     ];
 
+    /// `modes` once each, in [`Pooling::ALL`]'s order (the order of their
+    /// concatenated outputs).
+    pub fn in_order(modes: &[Pooling]) -> Vec<Pooling> {
+        Pooling::ALL
+            .into_iter()
+            .filter(|m| modes.contains(m))
+            .collect()
+    }
+
     /// The mode's key in `1_Pooling/config.json`.
     pub fn config_key(self) -> &'static str {
         match self {
@@ -387,13 +396,11 @@ fn pooling_from(path: &Path) -> anyhow::Result<(Vec<Pooling>, bool)> {
     if modes.is_empty() {
         bail!("{}: names no pooling mode", path.display());
     }
-    modes.sort_by_key(|m| Pooling::ALL.iter().position(|a| a == m));
-    modes.dedup();
     let include_prompt = fields
         .get("include_prompt")
         .and_then(|v| v.as_bool())
         .unwrap_or(true);
-    Ok((modes, include_prompt))
+    Ok((Pooling::in_order(&modes), include_prompt))
 }
 
 fn dense_from(path: &Path, folder: &str) -> anyhow::Result<DenseConfig> {

@@ -124,10 +124,7 @@ impl SentenceEncoder {
         if modes.is_empty() {
             bail!("no pooling mode");
         }
-        let mut modes = modes.to_vec();
-        modes.sort_by_key(|m| Pooling::ALL.iter().position(|a| a == m));
-        modes.dedup();
-        let before = std::mem::replace(&mut self.settings.pooling, modes);
+        let before = std::mem::replace(&mut self.settings.pooling, Pooling::in_order(modes));
         if let Err(e) = self.check_widths() {
             self.settings.pooling = before;
             return Err(e);

@@ -106,10 +106,7 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, modes: &[Pooling]) -> Result<Tensor>
         mask.clone()
     };
     let mut parts = Vec::with_capacity(modes.len());
-    for mode in Pooling::ALL {
-        if !modes.contains(&mode) {
-            continue;
-        }
+    for mode in Pooling::in_order(modes) {
         parts.push(match mode {
             Pooling::Cls => hidden.i((.., 0, ..))?.contiguous()?,
             Pooling::Max => max_pool(hidden, &flags)?,

@@ -48,22 +48,9 @@ pub fn search_embeddings(
     k: usize,
     chunk_rows: usize,
 ) -> anyhow::Result<Vec<Vec<Hit>>> {
-    let m = corpus.dim(0)?;
-    check_k_and_rows(k, m)?;
-    let mut lists = vec![Vec::new(); queries.dim(0)?];
-    let mut start = 0;
-    while start < m {
-        let len = chunk_rows.max(1).min(m - start);
-        merge_chunk(
-            &mut lists,
-            queries,
-            &corpus.narrow(0, start, len)?,
-            start,
-            k,
-        )?;
-        start += len;
-    }
-    Ok(lists)
+    search_chunks(queries, corpus.dim(0)?, k, chunk_rows, |start, len| {
+        Ok(corpus.narrow(0, start, len)?)
+    })
 }
 
 /// [`search_embeddings`] over a corpus in an `.npy` file, read `chunk_rows`
@@ -83,12 +70,27 @@ pub fn search_npy(
         corpus.cols
     );
     let queries = queries.to_dtype(DType::F32)?;
+    search_chunks(&queries, m, k, chunk_rows, |start, len| {
+        corpus.read_rows(start, len, queries.device())
+    })
+}
+
+/// The search loop of every corpus form: `chunk(start, len)` gives corpus rows
+/// `start..start + len` as embeddings, `chunk_rows` at a time, and each chunk's
+/// best rows are merged into one list per query. Memory is one chunk's.
+fn search_chunks(
+    queries: &Tensor,
+    rows: usize,
+    k: usize,
+    chunk_rows: usize,
+    mut chunk: impl FnMut(usize, usize) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<Vec<Vec<Hit>>> {
+    check_k_and_rows(k, rows)?;
     let mut lists = vec![Vec::new(); queries.dim(0)?];
     let mut start = 0;
-    while start < m {
-        let len = chunk_rows.max(1).min(m - start);
-        let chunk = corpus.read_rows(start, len, queries.device())?;
-        merge_chunk(&mut lists, &queries, &chunk, start, k)?;
+    while start < rows {
+        let len = chunk_rows.max(1).min(rows - start);
+        merge_chunk(&mut lists, queries, &chunk(start, len)?, start, k)?;
         start += len;
     }
     Ok(lists)
@@ -211,12 +213,9 @@ impl SentenceEncoder {
     ) -> anyhow::Result<Vec<Vec<Hit>>> {
         check_k_and_rows(k, corpus.len())?;
         let q = self.encode(queries)?;
-        let mut lists = vec![Vec::new(); queries.len()];
-        for (c, chunk) in corpus.chunks(chunk_rows.max(1)).enumerate() {
-            let embeddings = self.encode(chunk)?;
-            merge_chunk(&mut lists, &q, &embeddings, c * chunk_rows.max(1), k)?;
-        }
-        Ok(lists)
+        search_chunks(&q, corpus.len(), k, chunk_rows, |start, len| {
+            self.encode(&corpus[start..start + len])
+        })
     }
 }
 
