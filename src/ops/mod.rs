@@ -6,6 +6,7 @@
 //! | [`masked_mean_pool`] | `mean_pool/` | `kernels/mean_pool.cu` |
 //! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`], [`cosine_top_k`] | `cosine/` | `kernels/cosine.cu` |
 //! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
+//! | [`multi_head_cross_entropy`] | `multi_head_cross_entropy/` | `kernels/multi_head_cross_entropy.cu` |
 //!
 //! Each op folder has the same three files: `mod.rs` (the public function, its
 //! input checks and the `CustomOp`), `cpu.rs` (the CPU path) and `cuda.rs` (the
@@ -37,6 +38,7 @@ pub mod linear;
 pub(crate) mod math;
 mod matmul;
 pub mod mean_pool;
+pub mod multi_head_cross_entropy;
 pub mod reference;
 pub mod softmax;
 
@@ -55,4 +57,5 @@ pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use mean_pool::masked_mean_pool;
+pub use multi_head_cross_entropy::{multi_head_cross_entropy, CeHead, MultiHeadLoss};
 pub use softmax::softmax_last_dim;
