@@ -1,4 +1,4 @@
-//! `sentence-mtl eval`: scores a checkpoint on a split of both tasks. The
+//! `sentence-mtl eval`: scores a checkpoint on a split of every task. The
 //! metrics and the confusion matrices are one JSON line on stdout, a readable
 //! summary goes to stderr, and each task's confusion matrix is drawn as a PNG.
 
@@ -16,9 +16,10 @@ pub struct EvalArgs {
     /// A checkpoint folder, or the output folder of a training run.
     #[arg(long, value_name = "DIR")]
     pub checkpoint: PathBuf,
-    /// The TweetEval folder (one folder per task, named as in training).
+    /// A folder holding one folder per task, named as the folders trained on
+    /// (default: the folders the checkpoint was trained on).
     #[arg(long, value_name = "DIR")]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
     /// The split to score.
     #[arg(long, value_enum, default_value_t = Split::Test)]
     pub split: Split,
@@ -37,7 +38,13 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let device = args.device.device()?;
     let loaded = checkpoint::load(&args.checkpoint, &device, args.device.dtype_override())?;
-    let report = evaluate_checkpoint(&loaded, &args.data, args.split, args.batch_size, &device)?;
+    let report = evaluate_checkpoint(
+        &loaded,
+        args.data.as_deref(),
+        args.split,
+        args.batch_size,
+        &device,
+    )?;
 
     let out = args
         .output
@@ -45,17 +52,22 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| args.checkpoint.clone());
     std::fs::create_dir_all(&out)?;
     for t in &report.tasks {
-        let m = &t.metrics;
         eprintln!(
-            "{} {} ({} rows): accuracy {:.4} macro-F1 {:.4} macro-recall {:.4} loss {:.4}",
-            t.task, args.split, m.count, m.accuracy, m.macro_f1, m.macro_recall, t.loss
+            "{} {}: {} loss {:.4}",
+            t.task,
+            args.split,
+            t.metrics.describe(),
+            t.loss
         );
+        let Some(confusion) = &t.confusion else {
+            continue;
+        };
         let path = out.join(format!("confusion_{}_{}.png", t.task, args.split));
         match plots::confusion_matrix(
             &path,
             &format!("{} ({}): confusion matrix", t.task, args.split),
             &t.label_names,
-            &t.confusion.counts,
+            &confusion.counts,
         ) {
             Ok(()) => eprintln!("  confusion matrix: {}", path.display()),
             Err(e) => eprintln!("  warning: no confusion-matrix plot: {e:#}"),

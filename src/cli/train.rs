@@ -1,4 +1,5 @@
-//! `sentence-mtl train`: fine-tunes the dual-head model on TweetEval.
+//! `sentence-mtl train`: fine-tunes the multi-task model: by default the two
+//! TweetEval heads (emotion, sentiment), or any tasks given with `--task`.
 //!
 //! The defaults are the reference recipe (`TrainConfig::default()`, the recipe
 //! of `benchmarks/train_torch.py`). Progress and per-epoch metrics go to stderr;
@@ -10,36 +11,46 @@ use std::path::PathBuf;
 use super::device::DeviceArgs;
 use crate::data::SamplerKind;
 use crate::model::multitask::Freeze;
-use crate::train::{MultiTaskTrainer, OverfitConfig, TrainConfig};
+use crate::train::{ClassWeighting, MultiTaskTrainer, OverfitConfig, TaskSpec, TrainConfig};
 
 /// The options of `sentence-mtl train`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     /// The TweetEval folder, with one folder per task (`emotion/`, `sentiment/`),
     /// as in the `datasets/` folder of the benchmark's repository
-    /// (cardiffnlp/tweeteval on GitHub).
-    #[arg(long, value_name = "DIR")]
-    pub data: PathBuf,
+    /// (cardiffnlp/tweeteval on GitHub): the two-task command's data.
+    #[arg(long, value_name = "DIR", required_unless_present = "task")]
+    pub data: Option<PathBuf>,
+    /// A task, `NAME=DIR[:KIND]` (or `DIR[:KIND]`, named after the folder),
+    /// KIND `classification` (TweetEval layout, the default) or `sts` (STS-B
+    /// layout, CoSENT on the embeddings); repeat for each task. Replaces the
+    /// two `--data` tasks; with `--data` too, those two come first.
+    #[arg(long, value_name = "NAME=DIR[:KIND]")]
+    pub task: Vec<TaskSpec>,
+    /// A task's weight in the total loss, `NAME=W` (default 1); repeatable.
+    #[arg(long, value_name = "NAME=W", value_parser = parse_task_weight)]
+    pub task_weight: Vec<(String, f64)>,
     /// A local model folder or a Hugging Face repo id.
     #[arg(long, default_value = crate::model::DEFAULT_MODEL)]
     pub model: String,
-    /// Head A's task folder.
+    /// Head A's task folder in `--data`.
     #[arg(long, default_value = "emotion")]
     pub task_a: String,
-    /// Head B's task folder.
+    /// Head B's task folder in `--data`.
     #[arg(long, default_value = "sentiment")]
     pub task_b: String,
     /// Where the checkpoint, metrics.json and the plots go.
     #[arg(long, value_name = "DIR", default_value = "runs/mtl")]
     pub output: PathBuf,
-    /// What to freeze: none, all, backbone, head-a, head-b, embeddings, lower:N
-    /// (the embeddings and the lowest N layers).
+    /// What to freeze: none, all, backbone, head:NAME (one task's head; head-a
+    /// and head-b are the first two tasks'), embeddings, lower:N (the
+    /// embeddings and the lowest N layers).
     #[arg(long, default_value = "none")]
     pub freeze: Freeze,
     /// Passes over the training data.
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
-    /// Rows per training batch, mixed from both tasks.
+    /// Rows per training batch, mixed from the tasks.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Rows per forward pass when evaluating.
@@ -51,7 +62,7 @@ pub struct TrainArgs {
     /// AdamW learning rate of the encoder (embeddings and layers).
     #[arg(long, default_value_t = 5e-5)]
     pub backbone_lr: f64,
-    /// AdamW learning rate of the two heads.
+    /// AdamW learning rate of the heads.
     #[arg(long, default_value_t = 1e-3)]
     pub head_lr: f64,
     /// AdamW decoupled weight decay.
@@ -66,18 +77,22 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (no clipping by default).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
-    /// How the two tasks are mixed into batches.
+    /// How the tasks are mixed into batches.
     #[arg(long, value_enum, default_value_t = SamplerKind::Proportional)]
     pub sampler: SamplerKind,
     /// Seed of the heads' initialisation, the batches and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Weight of head A's loss in the total.
+    /// Weight of the first task's loss in the total.
     #[arg(long, default_value_t = 1.0)]
     pub weight_a: f64,
-    /// Weight of head B's loss in the total.
+    /// Weight of the second task's loss in the total.
     #[arg(long, default_value_t = 1.0)]
     pub weight_b: f64,
+    /// How classification tasks weigh their classes: none, or balanced
+    /// (`n / (k·n_c)` on the training split).
+    #[arg(long, value_enum, default_value_t = ClassWeighting::None)]
+    pub class_weighting: ClassWeighting,
     /// Stop after this many steps (writing a checkpoint); `--resume` carries on.
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -105,14 +120,34 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The tasks these options name, with their weights.
+    pub fn tasks(&self) -> anyhow::Result<Vec<TaskSpec>> {
+        let mut tasks = match &self.data {
+            Some(data) => TrainConfig::tweeteval_tasks(data, &self.task_a, &self.task_b),
+            None => Vec::new(),
+        };
+        tasks.extend(self.task.iter().cloned());
+        for (t, w) in [self.weight_a, self.weight_b].into_iter().enumerate() {
+            if let Some(task) = tasks.get_mut(t) {
+                task.weight = w;
+            }
+        }
+        for (name, weight) in &self.task_weight {
+            let task = tasks.iter_mut().find(|t| &t.name == name).ok_or_else(|| {
+                anyhow::anyhow!("--task-weight {name}={weight}: no task named {name}")
+            })?;
+            task.weight = *weight;
+        }
+        Ok(tasks)
+    }
+
     /// The trainer configuration these options describe.
-    pub fn to_config(&self) -> TrainConfig {
-        TrainConfig {
-            data_dir: self.data.clone(),
-            tasks: [self.task_a.clone(), self.task_b.clone()],
+    pub fn to_config(&self) -> anyhow::Result<TrainConfig> {
+        Ok(TrainConfig {
+            tasks: self.tasks()?,
             model: self.model.clone(),
             output_dir: Some(self.output.clone()),
-            freeze: self.freeze,
+            freeze: self.freeze.clone(),
             epochs: self.epochs,
             batch_size: self.batch_size,
             eval_batch_size: self.eval_batch_size,
@@ -126,7 +161,7 @@ impl TrainArgs {
             max_grad_norm: self.max_grad_norm,
             sampler: self.sampler,
             seed: self.seed,
-            loss_weights: [self.weight_a, self.weight_b],
+            class_weighting: self.class_weighting,
             max_steps: self.max_steps,
             checkpoint_every: self.checkpoint_every,
             overfit: self.overfit_batch.map(|batch_size| OverfitConfig {
@@ -136,14 +171,27 @@ impl TrainArgs {
             test_at_end: !self.no_test,
             verbose: !self.quiet,
             resume: self.resume,
-        }
+        })
     }
+}
+
+fn parse_task_weight(s: &str) -> Result<(String, f64), String> {
+    let (name, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=WEIGHT"))?;
+    let weight = weight
+        .parse()
+        .map_err(|e| format!("{s:?}: the weight is not a number: {e}"))?;
+    Ok((name.to_string(), weight))
 }
 
 /// Runs `sentence-mtl train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let mut trainer =
-        MultiTaskTrainer::new(args.to_config(), args.device.device()?, args.device.dtype())?;
+    let mut trainer = MultiTaskTrainer::new(
+        args.to_config()?,
+        args.device.device()?,
+        args.device.dtype(),
+    )?;
     trainer.prepare_data()?;
     trainer.setup()?;
     let report = trainer.train()?;
@@ -156,6 +204,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use crate::data::TaskKind;
 
     #[derive(Parser)]
     struct Cli {
@@ -167,9 +216,9 @@ mod tests {
     #[test]
     fn defaults_are_the_recipe() {
         let args = Cli::parse_from(["train", "--data", "d"]).train;
-        let config = args.to_config();
+        let config = args.to_config().unwrap();
         let expected = TrainConfig {
-            data_dir: "d".into(),
+            tasks: TrainConfig::tweeteval_tasks("d".as_ref(), "emotion", "sentiment"),
             output_dir: Some("runs/mtl".into()),
             ..TrainConfig::default()
         };
@@ -187,7 +236,7 @@ mod tests {
             "lower:2",
         ])
         .train;
-        let config = args.to_config();
+        let config = args.to_config().unwrap();
         assert_eq!(
             config.overfit,
             Some(OverfitConfig {
@@ -197,5 +246,51 @@ mod tests {
         );
         assert_eq!(config.freeze, Freeze::Lower(2));
         assert!(Cli::try_parse_from(["train", "--data", "d", "--freeze", "some"]).is_err());
+    }
+
+    /// `--task` adds tasks of any kind; without `--data` they are all the tasks.
+    #[test]
+    fn task_flags_name_folders_kinds_and_weights() {
+        let args = Cli::parse_from([
+            "train",
+            "--task",
+            "emo=data/emotion",
+            "--task",
+            "../shared/data/stsb:sts",
+            "--task-weight",
+            "stsb=0.5",
+        ])
+        .train;
+        let tasks = args.to_config().unwrap().tasks;
+        assert_eq!(tasks.len(), 2);
+        assert_eq!(
+            (tasks[0].name.as_str(), tasks[0].kind),
+            ("emo", TaskKind::Classification)
+        );
+        assert_eq!(tasks[0].dir, std::path::PathBuf::from("data/emotion"));
+        assert_eq!(
+            (tasks[1].name.as_str(), tasks[1].kind),
+            ("stsb", TaskKind::Sts)
+        );
+        assert_eq!((tasks[0].weight, tasks[1].weight), (1.0, 0.5));
+
+        let both = Cli::parse_from(["train", "--data", "d", "--task", "s=x:sts"]).train;
+        let names: Vec<String> = both
+            .to_config()
+            .unwrap()
+            .tasks
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["emotion", "sentiment", "s"]);
+
+        assert!(Cli::try_parse_from(["train"]).is_err(), "no task at all");
+        assert!(Cli::try_parse_from(["train", "--task", "x=d:topic"]).is_err());
+        let unknown = Cli::parse_from(["train", "--data", "d", "--task-weight", "x=1"]).train;
+        assert!(unknown
+            .to_config()
+            .unwrap_err()
+            .to_string()
+            .contains("no task named x"));
     }
 }

@@ -1,75 +1,74 @@
-//! The order in which one epoch visits the examples of both tasks.
+//! The order in which one epoch visits the examples of every task.
 //!
-//! Both samplers visit every example of both tasks exactly once per epoch and are
-//! a pure function of `(seed, epoch)`: the same arguments give the same batches on
-//! every run, which is what makes `--resume` land on the batch it stopped at.
+//! Both samplers visit every example of every task exactly once per epoch and
+//! are a pure function of `(seed, epoch)`: the same arguments give the same
+//! batches on every run, which is what makes `--resume` land on the batch it
+//! stopped at.
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::Head;
-
-/// How batches are drawn from the two tasks.
+/// How batches are drawn from the tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum SamplerKind {
-    /// Shuffle the union of both training sets and cut it into batches: each batch
+    /// Shuffle the union of all training sets and cut it into batches: each batch
     /// mixes the tasks in proportion to their sizes.
     Proportional,
-    /// Shuffle each task on its own, cut each into single-task batches and
-    /// alternate A, B, A, B, ...; once the smaller task is used up the rest of the
-    /// larger one follows.
+    /// Shuffle each task on its own, cut each into single-task batches and take
+    /// one batch of each task in turn; a task that is used up drops out of the
+    /// turn.
     RoundRobin,
 }
 
-/// One example: its task (head) and its row in that task's split.
+/// One example: its task and its row in that task's split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExampleRef {
-    /// The task the example belongs to: head A's or head B's.
-    pub head: Head,
+    /// The index of the task the example belongs to.
+    pub task: usize,
     /// The 0-based row in that task's split, in file order.
     pub index: usize,
 }
 
-/// The batches of epoch `epoch` (0-based) over tasks of `sizes[A]` and `sizes[B]`
-/// examples. Every batch has `batch_size` rows except possibly the last of each
-/// task stream (no example is dropped).
+/// The batches of epoch `epoch` (0-based) over tasks of `sizes[t]` examples.
+/// Every batch has `batch_size` rows except possibly the last of each task
+/// stream (no example is dropped).
 pub fn epoch_batches(
     kind: SamplerKind,
-    sizes: [usize; 2],
+    sizes: &[usize],
     batch_size: usize,
     seed: u64,
     epoch: usize,
 ) -> Vec<Vec<ExampleRef>> {
     assert!(batch_size > 0, "batch_size must be positive");
     let mut rng = epoch_rng(seed, epoch);
-    let task = |head: Head| (0..sizes[head.index()]).map(move |index| ExampleRef { head, index });
+    let task = |task: usize| (0..sizes[task]).map(move |index| ExampleRef { task, index });
     match kind {
         SamplerKind::Proportional => {
-            let mut all: Vec<ExampleRef> = task(Head::A).chain(task(Head::B)).collect();
+            let mut all: Vec<ExampleRef> = (0..sizes.len()).flat_map(task).collect();
             all.shuffle(&mut rng);
             all.chunks(batch_size).map(<[_]>::to_vec).collect()
         }
         SamplerKind::RoundRobin => {
-            let mut streams = Head::BOTH.map(|head| {
-                let mut rows: Vec<ExampleRef> = task(head).collect();
-                rows.shuffle(&mut rng);
-                rows.chunks(batch_size)
-                    .map(<[_]>::to_vec)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-            });
+            let mut streams: Vec<_> = (0..sizes.len())
+                .map(|t| {
+                    let mut rows: Vec<ExampleRef> = task(t).collect();
+                    rows.shuffle(&mut rng);
+                    rows.chunks(batch_size)
+                        .map(<[_]>::to_vec)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                })
+                .collect();
             let mut batches = Vec::new();
             loop {
-                let a = streams[0].next();
-                let b = streams[1].next();
-                if a.is_none() && b.is_none() {
+                let before = batches.len();
+                batches.extend(streams.iter_mut().filter_map(Iterator::next));
+                if batches.len() == before {
                     return batches;
                 }
-                batches.extend(a);
-                batches.extend(b);
             }
         }
     }

@@ -45,7 +45,7 @@ pub use config::{
 };
 pub use dense::Dense;
 pub use encoder::SentenceEncoder;
-pub use multitask::{Freeze, Head, MultiTaskModel};
+pub use multitask::{Freeze, HeadKind, MultiTaskModel, TaskHead};
 pub use npy::NpyMatrix;
 pub use pooling::pool;
 pub use quantize::{quantize_embeddings, Precision, QuantizedEmbeddings, QuantizedValues, Ranges};

@@ -5,7 +5,7 @@
 //!
 //! | file | content |
 //! | --- | --- |
-//! | `model.safetensors` | backbone and both heads |
+//! | `model.safetensors` | backbone and every head |
 //! | `config.json`, `tokenizer.json` | copied from the base model |
 //! | `multitask.json` | [`RunInfo`]: tasks, label names, max length, the training config |
 //! | `trainer_state.json` | the step reached, loss history, per-epoch metrics |
@@ -28,11 +28,11 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::config::TrainConfig;
-use crate::model::multitask::MultiTaskModel;
+use crate::model::multitask::{MultiTaskModel, TaskHead};
 use crate::model::tokenize::load_tokenizer;
 use crate::model::ModelFiles;
 
-/// The model weights (BERT and both heads), safetensors.
+/// The model weights (BERT and every head), safetensors.
 pub const MODEL_FILE: &str = "model.safetensors";
 /// AdamW's moments, safetensors (what a resumed run continues from).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -50,10 +50,10 @@ pub const CHECKPOINT_DIR: &str = "checkpoint";
 /// What a multi-task checkpoint is: its tasks and how it was trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunInfo {
-    /// Head A's and head B's task names (the data's folder names).
-    pub tasks: [String; 2],
-    /// Each head's label names, indexed by class.
-    pub label_names: [Vec<String>; 2],
+    /// The model's tasks, in order: names, kinds, class counts.
+    pub tasks: Vec<TaskHead>,
+    /// Each task's label names, indexed by class (empty for a similarity task).
+    pub label_names: Vec<Vec<String>>,
     /// Truncation length in tokens the run trained with (special tokens included).
     pub max_len: usize,
     /// The weights' dtype (`f32`, `bf16`, ...).
@@ -70,11 +70,6 @@ impl RunInfo {
         self.dtype
             .parse()
             .map_err(|e| anyhow::anyhow!("unknown dtype {:?}: {e:?}", self.dtype))
-    }
-
-    /// Head A's and head B's class counts.
-    pub fn num_classes(&self) -> [usize; 2] {
-        [self.label_names[0].len(), self.label_names[1].len()]
     }
 }
 
@@ -128,7 +123,7 @@ pub fn load(
         Some(dtype) => dtype,
         None => info.dtype()?,
     };
-    let model = MultiTaskModel::load(&files, info.num_classes(), dtype, device)?;
+    let model = MultiTaskModel::load(&files, &info.tasks, dtype, device)?;
     let tokenizer = load_tokenizer(&files, info.max_len)?;
     Ok(LoadedCheckpoint {
         dir,

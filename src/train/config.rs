@@ -2,22 +2,129 @@
 //! reference recipe the PyTorch baseline was measured with (see
 //! `benchmarks/train_torch.py`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWParams;
-use crate::data::SamplerKind;
+use crate::data::{SamplerKind, TaskKind};
 use crate::model::multitask::Freeze;
+
+/// One task of a run: its name, folder, kind and weight in the total loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The task's name (names its head and its metrics).
+    pub name: String,
+    /// The task's data folder.
+    pub dir: PathBuf,
+    /// Classification (TweetEval layout) or sentence-pair similarity (STS-B).
+    pub kind: TaskKind,
+    /// `w_t` in `total = Σ_t w_t·loss_t`.
+    pub weight: f64,
+}
+
+impl TaskSpec {
+    /// A classification task named after its folder's last component, weight 1.
+    pub fn classification(dir: impl Into<PathBuf>) -> Self {
+        Self::of(dir.into(), TaskKind::Classification)
+    }
+
+    fn of(dir: PathBuf, kind: TaskKind) -> Self {
+        let name = folder_name(&dir);
+        Self {
+            name,
+            dir,
+            kind,
+            weight: 1.0,
+        }
+    }
+}
+
+fn folder_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+impl FromStr for TaskSpec {
+    type Err = String;
+
+    /// `NAME=DIR[:KIND]` or `DIR[:KIND]` (named after the folder), KIND
+    /// `classification` (the default) or `sts`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, rest) = match s.split_once('=') {
+            Some((name, rest)) => (Some(name), rest),
+            None => (None, s),
+        };
+        let (dir, kind) = match rest.rsplit_once(':') {
+            Some((dir, kind)) => {
+                let kind = <TaskKind as clap::ValueEnum>::from_str(kind, true).map_err(|_| {
+                    format!("task {s:?}: unknown kind {kind:?} (expected classification or sts)")
+                })?;
+                (dir, kind)
+            }
+            None => (rest, TaskKind::Classification),
+        };
+        if dir.is_empty() {
+            return Err(format!("task {s:?}: no folder (expected NAME=DIR[:KIND])"));
+        }
+        let mut spec = Self::of(PathBuf::from(dir), kind);
+        if let Some(name) = name {
+            spec.name = name.to_string();
+        }
+        Ok(spec)
+    }
+}
+
+/// How classification tasks weigh their classes in the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClassWeighting {
+    /// Every class weighs 1: the mean over the labelled rows.
+    #[default]
+    None,
+    /// scikit-learn's "balanced": class `c` weighs `n / (k · n_c)` on the
+    /// task's training split, so each class counts as much in all.
+    Balanced,
+}
+
+impl ClassWeighting {
+    /// The class weights for a training split's `labels` of `classes` classes
+    /// (`None` for unit weights). A class absent from the split weighs 0.
+    pub fn weights(self, labels: &[usize], classes: usize) -> Option<Vec<f64>> {
+        match self {
+            ClassWeighting::None => None,
+            ClassWeighting::Balanced => {
+                let mut counts = vec![0usize; classes];
+                for &l in labels {
+                    counts[l] += 1;
+                }
+                let n = labels.len() as f64;
+                Some(
+                    counts
+                        .iter()
+                        .map(|&c| {
+                            if c == 0 {
+                                0.0
+                            } else {
+                                n / (classes as f64 * c as f64)
+                            }
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+}
 
 /// The settings of one training run (saved with its checkpoint); the default is
 /// the reference recipe. Check it with [`validate`](Self::validate).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    /// The TweetEval folder holding one folder per task.
-    pub data_dir: PathBuf,
-    /// The task folders of head A and head B.
-    pub tasks: [String; 2],
+    /// The tasks, in order (the first two are the two-task command's head A
+    /// and head B).
+    pub tasks: Vec<TaskSpec>,
     /// A local model folder or a Hugging Face repo id.
     pub model: String,
     /// Where checkpoints, metrics and plots go; `None` writes nothing.
@@ -27,7 +134,7 @@ pub struct TrainConfig {
     /// Passes over both training sets (at least 1); the learning-rate schedule spans
     /// all of them.
     pub epochs: usize,
-    /// Rows per training batch, drawn from both tasks by `sampler`.
+    /// Rows per training batch, drawn from the tasks by `sampler`.
     pub batch_size: usize,
     /// Rows per forward pass when evaluating; a resumed run may change it.
     pub eval_batch_size: usize,
@@ -54,8 +161,8 @@ pub struct TrainConfig {
     /// Seeds the heads' initialisation, the batch order, dropout and the overfit
     /// batch's pick.
     pub seed: u64,
-    /// `w_a`, `w_b` in `total = w_a·loss_a + w_b·loss_b`.
-    pub loss_weights: [f64; 2],
+    /// How classification tasks weigh their classes.
+    pub class_weighting: ClassWeighting,
     /// Stop after this many optimiser steps in all (a checkpoint is written at
     /// the stop); the schedule is still that of the full run, so `--resume`
     /// carries on as if it had not stopped.
@@ -72,13 +179,15 @@ pub struct TrainConfig {
     pub resume: bool,
 }
 
-/// Overfit mode: train on one batch (half head A, half head B) at a constant
+/// Overfit mode: train on one batch (the classification tasks' rows in equal
+/// shares; similarity tasks sit it out) at a constant
 /// learning rate for a fixed number of steps, recording accuracy and loss on
 /// the batch after each.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct OverfitConfig {
-    /// Rows in the batch (at least 2): `ceil(n/2)` from head A's task, the rest
-    /// from head B's.
+    /// Rows in the batch (at least one per classification task): `n / k` from
+    /// each of the `k` classification tasks, the first ones one more while
+    /// `n mod k` rows are left.
     pub batch_size: usize,
     /// The steps to take, all of them (memorised is judged after the last).
     pub max_steps: usize,
@@ -87,8 +196,7 @@ pub struct OverfitConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            data_dir: PathBuf::from("data/tweeteval"),
-            tasks: ["emotion".into(), "sentiment".into()],
+            tasks: Self::tweeteval_tasks(Path::new("data/tweeteval"), "emotion", "sentiment"),
             model: crate::model::DEFAULT_MODEL.into(),
             output_dir: None,
             freeze: Freeze::None,
@@ -105,7 +213,7 @@ impl Default for TrainConfig {
             max_grad_norm: None,
             sampler: SamplerKind::Proportional,
             seed: 42,
-            loss_weights: [1.0, 1.0],
+            class_weighting: ClassWeighting::None,
             max_steps: None,
             checkpoint_every: None,
             overfit: None,
@@ -117,6 +225,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The two-task command's tasks: the classification folders `data/a` and
+    /// `data/b`, weight 1 each.
+    pub fn tweeteval_tasks(data: &Path, a: &str, b: &str) -> Vec<TaskSpec> {
+        vec![
+            TaskSpec::classification(data.join(a)),
+            TaskSpec::classification(data.join(b)),
+        ]
+    }
+
     /// Checks that the settings make a run: counts and sizes at least 1 (`max_len`
     /// at least 2, the overfit batch at least 2), learning rates and loss weights
     /// finite and non-negative, `weight_decay` non-negative, `warmup_ratio` in
@@ -149,14 +266,24 @@ impl TrainConfig {
         if let Some(norm) = self.max_grad_norm {
             anyhow::ensure!(norm > 0.0, "max_grad_norm must be positive");
         }
-        anyhow::ensure!(
-            self.loss_weights.iter().all(|w| w.is_finite() && *w >= 0.0),
-            "loss weights must be non-negative"
-        );
+        anyhow::ensure!(!self.tasks.is_empty(), "a run needs at least one task");
+        for (i, task) in self.tasks.iter().enumerate() {
+            anyhow::ensure!(
+                task.weight.is_finite() && task.weight >= 0.0,
+                "task {}: the loss weight must be non-negative, got {}",
+                task.name,
+                task.weight
+            );
+            anyhow::ensure!(
+                self.tasks[..i].iter().all(|t| t.name != task.name),
+                "two tasks are named {:?}: name them with NAME=DIR",
+                task.name
+            );
+        }
         if let Some(o) = self.overfit {
             anyhow::ensure!(
-                o.batch_size >= 2,
-                "the overfit batch needs at least 2 rows (one per task)"
+                o.batch_size >= self.tasks.len().max(1),
+                "the overfit batch needs at least one row per task"
             );
             anyhow::ensure!(o.max_steps >= 1, "overfit mode needs at least one step");
         }
@@ -172,7 +299,9 @@ impl TrainConfig {
     pub fn trajectory_differences(&self, saved: &TrainConfig) -> Vec<String> {
         let strip = |c: &TrainConfig| {
             let mut c = c.clone();
-            c.data_dir = PathBuf::new();
+            for task in &mut c.tasks {
+                task.dir = PathBuf::new();
+            }
             c.model = String::new();
             c.output_dir = None;
             c.max_steps = None;

@@ -113,7 +113,57 @@ impl ConfusionMatrix {
     }
 }
 
-/// A task's scores on one split, as fractions in [0, 1].
+/// A task's scores on one split: a classification task's [`TaskMetrics`] or a
+/// similarity task's [`StsReport`] (serialised as the one or the other).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TaskScores {
+    /// Accuracy, macro-F1, macro-recall.
+    Classification(TaskMetrics),
+    /// Spearman and Pearson, x100.
+    Similarity(super::sts::StsReport),
+}
+
+impl TaskScores {
+    /// Each score by name, as plotted (fractions in [0, 1]).
+    pub fn named(&self) -> Vec<(&'static str, f64)> {
+        match self {
+            TaskScores::Classification(m) => vec![
+                ("accuracy", m.accuracy),
+                ("macro-F1", m.macro_f1),
+                ("macro-recall", m.macro_recall),
+            ],
+            TaskScores::Similarity(r) => vec![
+                ("Spearman", r.spearman / 100.0),
+                ("Pearson", r.pearson / 100.0),
+            ],
+        }
+    }
+
+    /// The classification metrics, `None` for a similarity task.
+    pub fn classification(&self) -> Option<&TaskMetrics> {
+        match self {
+            TaskScores::Classification(m) => Some(m),
+            TaskScores::Similarity(_) => None,
+        }
+    }
+
+    /// One line: `acc 0.8149 macro-F1 0.7725 macro-recall 0.7601` or
+    /// `Spearman 82.03 Pearson 82.74`.
+    pub fn describe(&self) -> String {
+        match self {
+            TaskScores::Classification(m) => format!(
+                "acc {:.4} macro-F1 {:.4} macro-recall {:.4}",
+                m.accuracy, m.macro_f1, m.macro_recall
+            ),
+            TaskScores::Similarity(r) => {
+                format!("Spearman {:.2} Pearson {:.2}", r.spearman, r.pearson)
+            }
+        }
+    }
+}
+
+/// A classification task's scores on one split, as fractions in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TaskMetrics {
     /// The fraction of examples predicted right.

@@ -13,13 +13,13 @@ pub mod schedule;
 pub mod sts;
 pub mod trainer;
 
-pub use config::{OverfitConfig, TrainConfig};
+pub use config::{ClassWeighting, OverfitConfig, TaskSpec, TrainConfig};
 pub use evaluate::{EvalReport, TaskEval};
-pub use metrics::{pearson, spearman, ConfusionMatrix, TaskMetrics};
+pub use metrics::{pearson, spearman, ConfusionMatrix, TaskMetrics, TaskScores};
 pub use optim::{AdamW, AdamWParams, ParamGroup};
 pub use records::{
     EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState, MEMORISED_LOSS,
 };
 pub use schedule::LrSchedule;
-pub use sts::{evaluate_sts, StsReport};
+pub use sts::{evaluate_sts, sts_report, StsReport};
 pub use trainer::MultiTaskTrainer;

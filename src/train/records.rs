@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::metrics::TaskMetrics;
+use super::metrics::TaskScores;
 use crate::model::Freeze;
 use crate::plots::{line_chart, moving_average, Series};
 
@@ -17,11 +17,12 @@ pub struct StepRecord {
     pub step: usize,
     /// 1-based epoch.
     pub epoch: usize,
-    /// Each head's loss on the batch; `None` when no row was labelled for it.
+    /// Each task's loss on the batch, in task order; `None` when the batch had
+    /// no row of it.
     /// (The records are f32, which JSON carries exactly, so that a resumed run's
     /// history equals an uninterrupted one's.)
-    pub loss: [Option<f32>; 2],
-    /// The weighted sum of the heads' losses that the step minimised.
+    pub loss: Vec<Option<f32>>,
+    /// The weighted sum of the tasks' losses that the step minimised.
     pub total: f32,
     /// The learning-rate factor this step used.
     pub lr_factor: f32,
@@ -36,12 +37,13 @@ pub struct EpochRecord {
     pub epoch: usize,
     /// Steps taken when the epoch ended.
     pub global_step: usize,
-    /// Each head's mean batch loss over the epoch.
-    pub train_loss: [Option<f64>; 2],
-    /// Each head's metrics on its validation split after the epoch.
-    pub val: [TaskMetrics; 2],
-    /// Each head's mean cross-entropy on its validation split after the epoch.
-    pub val_loss: [f64; 2],
+    /// Each task's mean batch loss over the epoch.
+    pub train_loss: Vec<Option<f64>>,
+    /// Each task's scores on its validation split after the epoch.
+    pub val: Vec<TaskScores>,
+    /// Each task's loss on its validation split after the epoch (mean
+    /// cross-entropy, or CoSENT over all the split's pairs).
+    pub val_loss: Vec<f64>,
     /// Wall time of the epoch's training steps (validation excluded).
     pub train_seconds: f64,
 }
@@ -60,17 +62,19 @@ pub struct TrainState {
 }
 
 /// Overfit mode's outcome. The batch counts as memorised when, after the
-/// whole step budget, both heads classify every row right and the total
+/// whole step budget, every classification head gets every row right and the total
 /// loss (eval mode) is below [`MEMORISED_LOSS`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OverfitReport {
     /// Rows in the memorised batch.
     pub batch_size: usize,
-    /// Each head's accuracy on its rows of the batch before training.
-    pub initial_accuracy: [f64; 2],
+    /// The classification tasks the batch is drawn from, in task order.
+    pub tasks: Vec<String>,
+    /// Each of those heads' accuracy on its rows of the batch before training.
+    pub initial_accuracy: Vec<f64>,
     /// The total loss on the batch before training (eval mode).
     pub initial_loss: f64,
-    /// Both heads at 100% and the total loss below [`MEMORISED_LOSS`] after
+    /// Every head at 100% and the total loss below [`MEMORISED_LOSS`] after
     /// the last step.
     pub memorised: bool,
     /// The first step after which both held.
@@ -78,9 +82,9 @@ pub struct OverfitReport {
     /// Steps taken: the whole budget.
     pub steps: usize,
     /// Each head's accuracy on its rows of the batch after each step (eval mode).
-    pub accuracy: Vec<[f64; 2]>,
+    pub accuracy: Vec<Vec<f64>>,
     /// Each head's loss on the batch at each step (training mode, dropout on).
-    pub loss: Vec<[Option<f32>; 2]>,
+    pub loss: Vec<Vec<Option<f32>>>,
     /// The total loss on the batch after each step (eval mode: the sum over the
     /// heads of each head's mean cross-entropy on its rows).
     pub eval_loss: Vec<f64>,
@@ -92,8 +96,8 @@ pub const MEMORISED_LOSS: f64 = 0.05;
 /// The outcome of `train()`, printed as one JSON line by `sentence-mtl train`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainReport {
-    /// Head A's and head B's task names.
-    pub tasks: [String; 2],
+    /// The tasks' names, in order.
+    pub tasks: Vec<String>,
     /// What did not train.
     pub freeze: Freeze,
     /// Optimiser steps taken in all (a resumed run's earlier ones included).
@@ -107,9 +111,9 @@ pub struct TrainReport {
     /// Mean wall time of a step; `None` when no step was taken.
     pub seconds_per_step: Option<f64>,
     /// Validation metrics after the last completed epoch, by task.
-    pub val: Option<BTreeMap<String, TaskMetrics>>,
+    pub val: Option<BTreeMap<String, TaskScores>>,
     /// Test metrics at the end, by task.
-    pub test: Option<BTreeMap<String, TaskMetrics>>,
+    pub test: Option<BTreeMap<String, TaskScores>>,
     /// Overfit mode's outcome, in that mode.
     pub overfit: Option<OverfitReport>,
     /// The checkpoint written, when there is an output folder.
@@ -121,21 +125,27 @@ pub struct TrainReport {
 /// files written.
 pub fn training_plots(
     out: &Path,
-    tasks: &[String; 2],
+    tasks: &[String],
     state: &TrainState,
     overfit: Option<&OverfitReport>,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     if !state.steps.is_empty() {
-        let series: Vec<Series> = (0..2)
+        let series: Vec<Series> = (0..tasks.len())
             .map(|h| {
                 let raw: Vec<(f64, f64)> = state
                     .steps
                     .iter()
-                    .filter_map(|s| s.loss[h].map(|l| (s.step as f64, l as f64)))
+                    .filter_map(|s| {
+                        s.loss
+                            .get(h)
+                            .copied()
+                            .flatten()
+                            .map(|l| (s.step as f64, l as f64))
+                    })
                     .collect();
                 Series {
-                    label: format!("{} (head {})", tasks[h], ["A", "B"][h]),
+                    label: tasks[h].clone(),
                     points: moving_average(&raw, (raw.len() / 50).max(1)),
                 }
             })
@@ -143,9 +153,9 @@ pub fn training_plots(
         let path = out.join("loss.png");
         line_chart(
             &path,
-            "Training loss per head (moving average)",
+            "Training loss per task (moving average)",
             "step",
-            "cross-entropy",
+            "loss",
             &series,
         )?;
         written.push(path);
@@ -153,18 +163,13 @@ pub fn training_plots(
     if !state.epochs.is_empty() {
         let mut series = Vec::new();
         for (h, task) in tasks.iter().enumerate() {
-            for (metric, get) in [
-                (
-                    "accuracy",
-                    (|m: &TaskMetrics| m.accuracy) as fn(&TaskMetrics) -> f64,
-                ),
-                ("macro-F1", |m| m.macro_f1),
-                ("macro-recall", |m| m.macro_recall),
-            ] {
+            let metrics = state.epochs[0].val.get(h).map_or(0, |v| v.named().len());
+            for m in 0..metrics {
+                let metric = state.epochs[0].val[h].named()[m].0;
                 let points = state
                     .epochs
                     .iter()
-                    .map(|e| (e.epoch as f64, get(&e.val[h])))
+                    .filter_map(|e| Some((e.epoch as f64, e.val.get(h)?.named().get(m)?.1)))
                     .collect();
                 series.push(Series {
                     label: format!("{task} {metric}"),
@@ -183,7 +188,7 @@ pub fn training_plots(
         written.push(path);
     }
     if let Some(report) = overfit {
-        let series: Vec<Series> = (0..2)
+        let series: Vec<Series> = (0..report.tasks.len())
             .map(|h| {
                 // Step 0 is the batch before training.
                 let after_steps = report
@@ -195,7 +200,7 @@ pub fn training_plots(
                     .chain(after_steps)
                     .collect();
                 Series {
-                    label: format!("{} accuracy", tasks[h]),
+                    label: format!("{} accuracy", report.tasks[h]),
                     points,
                 }
             })
@@ -247,7 +252,7 @@ mod tests {
             .map(|step| StepRecord {
                 step,
                 epoch: 1,
-                loss: [
+                loss: vec![
                     Some(1.5 / step as f32),
                     (step % 3 != 0).then_some(1.0 / step as f32),
                 ],

@@ -49,9 +49,14 @@ pub fn evaluate_sts(encoder: &SentenceEncoder, pairs: &[StsPair]) -> anyhow::Res
         .map(f64::from)
         .collect();
     let ratings: Vec<f64> = pairs.iter().map(|p| p.score).collect();
+    sts_report(&cosines, &ratings)
+}
+
+/// The report of pairs with cosines `cosines` and human ratings `ratings`.
+pub fn sts_report(cosines: &[f64], ratings: &[f64]) -> anyhow::Result<StsReport> {
     Ok(StsReport {
-        pairs: pairs.len(),
-        spearman: 100.0 * spearman(&cosines, &ratings)?,
-        pearson: 100.0 * pearson(&cosines, &ratings)?,
+        pairs: cosines.len(),
+        spearman: 100.0 * spearman(cosines, ratings)?,
+        pearson: 100.0 * pearson(cosines, ratings)?,
     })
 }

@@ -1,12 +1,14 @@
-//! [`MultiTaskTrainer`]: `prepare_data()` loads and validates both tasks,
+//! [`MultiTaskTrainer`]: `prepare_data()` loads and validates every task,
 //! `setup()` tokenises them and builds the model and the optimiser (or restores
 //! them from a checkpoint), `train()` runs the epochs (or overfit mode) and
 //! `evaluate()` scores a split.
 //!
 //! One training step: collate a mixed batch, forward with dropout, the fused
-//! dual-head loss, backward, optional clipping of the global gradient norm, and
-//! an AdamW step at the scheduled learning rates. After each epoch both heads
-//! are scored on the validation splits and a checkpoint is written atomically.
+//! N-head cross-entropy of the classification tasks plus CoSENT for each
+//! similarity task, backward, optional clipping of the global gradient norm,
+//! and an AdamW step at the scheduled learning rates. After each epoch every
+//! task is scored on its validation split and a checkpoint is written
+//! atomically.
 //!
 //! Determinism: batches are a function of `(seed, epoch)`, dropout masks of
 //! `(seed, step)` and the heads are initialised from the seed, so the same seed
@@ -24,9 +26,9 @@ use rand::seq::SliceRandom;
 use tokenizers::Tokenizer;
 
 use super::checkpoint::{self, RunInfo};
-use super::config::TrainConfig;
+use super::config::{TaskSpec, TrainConfig};
 use super::evaluate::{argmax, evaluate_split, predict_probabilities, EvalReport};
-use super::metrics::TaskMetrics;
+use super::metrics::TaskScores;
 use super::optim::{AdamW, ParamGroup};
 use super::records::{
     self, EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState, MEMORISED_LOSS,
@@ -34,21 +36,54 @@ use super::records::{
 use super::schedule::LrSchedule;
 use crate::data::sampler::epoch_rng;
 use crate::data::{
-    collate, epoch_batches, tokenize_split, Example, ExampleRef, Split, TaskData, TaskSplit,
+    collate, epoch_batches, Example, ExampleRef, Split, TaskKind, TaskRows, TaskSource,
 };
-use crate::model::multitask::{Head, MultiTaskModel};
+use crate::model::multitask::{MultiTaskModel, TaskHead, TaskLoss};
+use crate::model::tokenize::Tokens;
 use crate::model::tokenize::{load_tokenizer, pad_id};
 use crate::model::{resolve_model, ModelFiles};
 
-/// Both tasks' folders and the splits training reads, validated.
+/// One task's folder and the splits training reads, validated.
+#[derive(Debug, Clone)]
+pub struct PreparedTask {
+    /// What the run was told of the task.
+    pub spec: TaskSpec,
+    /// Its opened folder.
+    pub source: TaskSource,
+    /// Its training split.
+    pub train: TaskRows,
+    /// Its validation split.
+    pub val: TaskRows,
+}
+
+/// Every task's data, in task order.
 #[derive(Debug, Clone)]
 pub struct PreparedData {
-    /// Head A's and head B's task folders.
-    pub tasks: [TaskData; 2],
-    /// Each task's training split.
-    pub train: [TaskSplit; 2],
-    /// Each task's validation split.
-    pub val: [TaskSplit; 2],
+    /// The tasks.
+    pub tasks: Vec<PreparedTask>,
+}
+
+impl PreparedData {
+    /// The model's tasks: names, kinds and class counts.
+    pub fn heads(&self) -> Vec<TaskHead> {
+        self.tasks
+            .iter()
+            .map(|t| match t.spec.kind {
+                TaskKind::Classification => {
+                    TaskHead::classification(&t.spec.name, t.source.label_names().len())
+                }
+                TaskKind::Sts => TaskHead::similarity(&t.spec.name),
+            })
+            .collect()
+    }
+
+    /// Each task's label names (empty for a similarity task).
+    pub fn label_names(&self) -> Vec<Vec<String>> {
+        self.tasks
+            .iter()
+            .map(|t| t.source.label_names().to_vec())
+            .collect()
+    }
 }
 
 /// The model, data and optimiser of a run, built by `setup()`.
@@ -58,8 +93,13 @@ struct Run {
     pad_id: u32,
     /// Where the checkpoint copies `config.json` and `tokenizer.json` from.
     model_files: ModelFiles,
-    train: [Vec<Example>; 2],
-    val: [Vec<Example>; 2],
+    /// Each task's tokenised training and validation examples.
+    train: Vec<Vec<Example>>,
+    val: Vec<Vec<Example>>,
+    /// Each task's label column in a batch (`None` for similarity tasks).
+    columns: Vec<Option<usize>>,
+    /// How each task's loss enters the total.
+    task_losses: Vec<TaskLoss>,
     /// `None` when nothing trains (`Freeze::All`).
     optimizer: Option<AdamW>,
     steps_per_epoch: usize,
@@ -68,7 +108,7 @@ struct Run {
 }
 
 /// The notebook's trainer: [`prepare_data`](Self::prepare_data) reads and checks
-/// both tasks, [`setup`](Self::setup) builds the model and optimiser (or resumes a
+/// every task, [`setup`](Self::setup) builds the model and optimiser (or resumes a
 /// checkpoint), and [`train`](Self::train) runs the epochs or overfit mode.
 pub struct MultiTaskTrainer {
     config: TrainConfig,
@@ -111,16 +151,28 @@ impl MultiTaskTrainer {
         self.data.as_ref()
     }
 
-    /// Loads both tasks' mappings and their train and validation splits,
-    /// failing with the file and line of the first problem.
+    /// Loads every task's folder (a classification task's mapping) and its
+    /// train and validation splits, failing with the file and line of the
+    /// first problem.
     pub fn prepare_data(&mut self) -> anyhow::Result<&PreparedData> {
-        let open = |name: &str| TaskData::open(self.config.data_dir.join(name));
-        let tasks = [open(&self.config.tasks[0])?, open(&self.config.tasks[1])?];
-        let load = |split: Split| -> anyhow::Result<[TaskSplit; 2]> {
-            Ok([tasks[0].load(split)?, tasks[1].load(split)?])
-        };
-        let (train, val) = (load(Split::Train)?, load(Split::Val)?);
-        Ok(self.data.insert(PreparedData { tasks, train, val }))
+        let mut tasks = Vec::with_capacity(self.config.tasks.len());
+        for spec in &self.config.tasks {
+            let source = TaskSource::open(spec.kind, &spec.dir)
+                .with_context(|| format!("task {}", spec.name))?;
+            let (train, val) = (source.load(Split::Train)?, source.load(Split::Val)?);
+            anyhow::ensure!(
+                !train.is_empty(),
+                "task {}: the training split is empty",
+                spec.name
+            );
+            tasks.push(PreparedTask {
+                spec: spec.clone(),
+                source,
+                train,
+                val,
+            });
+        }
+        Ok(self.data.insert(PreparedData { tasks }))
     }
 
     /// Tokenises the data and builds the model and the optimiser: fresh from the
@@ -131,7 +183,9 @@ impl MultiTaskTrainer {
         }
         let data = self.data.as_ref().expect("prepared");
         let config = &self.config;
-        let num_classes = [data.tasks[0].num_classes(), data.tasks[1].num_classes()];
+        let heads = data.heads();
+        crate::model::multitask::check_tasks(&heads)?;
+        config.freeze.frozen_head(&heads)?;
         let (model, model_files, resumed) = if config.resume {
             let out = config
                 .output_dir
@@ -147,26 +201,39 @@ impl MultiTaskTrainer {
                 differences.join("\n  ")
             );
             anyhow::ensure!(
-                info.num_classes() == num_classes,
-                "--resume: the data's label counts differ from the checkpoint's"
+                info.tasks == heads,
+                "--resume: the checkpoint in {} has the tasks {}, the run now {}",
+                dir.display(),
+                describe_heads(&info.tasks),
+                describe_heads(&heads)
             );
             let files = checkpoint::model_files(&dir);
-            let model = MultiTaskModel::load(&files, num_classes, self.dtype, &self.device)?;
+            let model = MultiTaskModel::load(&files, &heads, self.dtype, &self.device)?;
             (model, files, Some(dir))
         } else {
             let files = resolve_model(&config.model)?;
-            let model =
-                MultiTaskModel::new(&files, num_classes, config.seed, self.dtype, &self.device)?;
+            let model = MultiTaskModel::new(&files, &heads, config.seed, self.dtype, &self.device)?;
             (model, files, None)
         };
         let tokenizer = load_tokenizer(&model_files, config.max_len)?;
-        let tokenize = |splits: &[TaskSplit; 2]| -> anyhow::Result<[Vec<Example>; 2]> {
-            Ok([
-                tokenize_split(&tokenizer, &splits[0], Head::A)?,
-                tokenize_split(&tokenizer, &splits[1], Head::B)?,
-            ])
-        };
-        let (train, val) = (tokenize(&data.train)?, tokenize(&data.val)?);
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for (t, task) in data.tasks.iter().enumerate() {
+            train.push(task.train.tokenize(&tokenizer, t)?);
+            val.push(task.val.tokenize(&tokenizer, t)?);
+        }
+        let task_losses = data
+            .tasks
+            .iter()
+            .map(|task| TaskLoss {
+                weight: task.spec.weight,
+                class_weights: match &task.train {
+                    TaskRows::Classes(split) => config
+                        .class_weighting
+                        .weights(&split.labels, task.source.label_names().len()),
+                    TaskRows::Pairs(_) => None,
+                },
+            })
+            .collect();
 
         let optimizer = self.build_optimizer(&model)?;
         let (steps_per_epoch, schedule) = match config.overfit {
@@ -174,7 +241,7 @@ impl MultiTaskTrainer {
             None => {
                 let per_epoch = epoch_batches(
                     config.sampler,
-                    [train[0].len(), train[1].len()],
+                    &sizes(&train),
                     config.batch_size,
                     config.seed,
                     0,
@@ -191,8 +258,10 @@ impl MultiTaskTrainer {
             model,
             tokenizer,
             model_files,
+            columns: model_columns(&heads),
             train,
             val,
+            task_losses,
             optimizer,
             steps_per_epoch,
             schedule,
@@ -217,19 +286,19 @@ impl MultiTaskTrainer {
     fn log_setup(&self, run: &Run, data: &PreparedData) {
         let c = &self.config;
         let quiet = ProgressBar::hidden();
-        let sizes = |h: usize| {
-            format!(
-                "{} train {} val {}",
-                c.tasks[h],
-                data.train[h].len(),
-                data.val[h].len()
-            )
-        };
-        log(
-            c.verbose,
-            &quiet,
-            &format!("data: {} | {}", sizes(0), sizes(1)),
-        );
+        let sizes: Vec<String> = data
+            .tasks
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} train {} val {}",
+                    t.spec.name,
+                    t.train.len(),
+                    t.val.len()
+                )
+            })
+            .collect();
+        log(c.verbose, &quiet, &format!("data: {}", sizes.join(" | ")));
         let groups = run.optimizer.as_ref().map_or_else(
             || "nothing".to_string(),
             |opt| {
@@ -279,8 +348,8 @@ impl MultiTaskTrainer {
     fn build_optimizer(&self, model: &MultiTaskModel) -> anyhow::Result<Option<AdamW>> {
         let c = &self.config;
         let mut groups: Vec<ParamGroup> = Vec::new();
-        for (name, var) in model.trainable_parameters(c.freeze) {
-            let is_head = name.starts_with("head_");
+        for (name, var) in model.trainable_parameters(&c.freeze) {
+            let is_head = name.starts_with("heads.");
             let no_decay =
                 !c.decay_bias_and_norm && (name.ends_with(".bias") || name.contains("LayerNorm"));
             let group_name = format!(
@@ -312,28 +381,26 @@ impl MultiTaskTrainer {
         self.run.as_ref().context("call setup() first")
     }
 
-    /// Scores both heads on a split of their tasks.
+    /// Scores every task on a split.
     pub fn evaluate(&self, split: Split) -> anyhow::Result<EvalReport> {
         let run = self.run_ref()?;
         let data = self.data.as_ref().context("call prepare_data() first")?;
-        let loaded;
-        let examples: [&[Example]; 2] = match split {
-            Split::Train => [&run.train[0], &run.train[1]],
-            Split::Val => [&run.val[0], &run.val[1]],
+        let mut loaded = Vec::new();
+        let examples: Vec<&[Example]> = match split {
+            Split::Train => run.train.iter().map(Vec::as_slice).collect(),
+            Split::Val => run.val.iter().map(Vec::as_slice).collect(),
             Split::Test => {
-                let splits = [data.tasks[0].load(split)?, data.tasks[1].load(split)?];
-                loaded = [
-                    tokenize_split(&run.tokenizer, &splits[0], Head::A)?,
-                    tokenize_split(&run.tokenizer, &splits[1], Head::B)?,
-                ];
-                [&loaded[0], &loaded[1]]
+                for (t, task) in data.tasks.iter().enumerate() {
+                    loaded.push(task.source.load(split)?.tokenize(&run.tokenizer, t)?);
+                }
+                loaded.iter().map(Vec::as_slice).collect()
             }
         };
         evaluate_split(
             &run.model,
             split,
-            examples,
-            &data.tasks,
+            &examples,
+            &data.label_names(),
             run.pad_id,
             self.config.eval_batch_size,
             &self.device,
@@ -348,8 +415,8 @@ impl MultiTaskTrainer {
             self.setup()?;
         }
         let mut report = TrainReport {
-            tasks: self.config.tasks.clone(),
-            freeze: self.config.freeze,
+            tasks: self.task_names(),
+            freeze: self.config.freeze.clone(),
             steps: 0,
             epochs_completed: 0,
             stopped_early: false,
@@ -372,7 +439,7 @@ impl MultiTaskTrainer {
             log(
                 self.config.verbose,
                 &ProgressBar::hidden(),
-                &format!("val: {}", describe(&self.config.tasks, &val)),
+                &format!("val: {}", describe(&val)),
             );
             report.val = Some(by_task(&val));
             self.save_if_configured()?;
@@ -386,14 +453,19 @@ impl MultiTaskTrainer {
         report.seconds_per_step =
             (report.steps > 0).then(|| run.state.train_seconds / report.steps as f64);
         if let Some(last) = run.state.epochs.last() {
-            report.val = Some(self.config.tasks.iter().cloned().zip(last.val).collect());
+            report.val = Some(
+                self.task_names()
+                    .into_iter()
+                    .zip(last.val.clone())
+                    .collect(),
+            );
         }
         if self.config.test_at_end && !report.stopped_early && self.config.overfit.is_none() {
             let test = self.evaluate(Split::Test)?;
             log(
                 self.config.verbose,
                 &ProgressBar::hidden(),
-                &format!("test: {}", describe(&self.config.tasks, &test)),
+                &format!("test: {}", describe(&test)),
             );
             report.test = Some(by_task(&test));
         }
@@ -404,7 +476,7 @@ impl MultiTaskTrainer {
             let run = self.run_ref()?;
             if let Err(e) = records::training_plots(
                 &out,
-                &self.config.tasks,
+                &self.task_names(),
                 &run.state,
                 report.overfit.as_ref(),
             ) {
@@ -429,14 +501,12 @@ impl MultiTaskTrainer {
             .max_steps
             .map_or(total_steps, |m| m.min(total_steps));
         let bar = progress_bar(self.config.verbose, total_steps as u64, start as u64);
-        let sizes = {
-            let run = self.run_ref()?;
-            [run.train[0].len(), run.train[1].len()]
-        };
+        let sizes = sizes(&self.run_ref()?.train);
+        let names = self.task_names();
         for epoch in start / steps_per_epoch..self.config.epochs {
             let batches = epoch_batches(
                 self.config.sampler,
-                sizes,
+                &sizes,
                 self.config.batch_size,
                 self.config.seed,
                 epoch,
@@ -461,7 +531,7 @@ impl MultiTaskTrainer {
                 bar.set_message(running_losses(
                     &run.state.steps,
                     epoch + 1,
-                    &self.config.tasks,
+                    &names,
                     epoch + 1,
                     self.config.epochs,
                 ));
@@ -483,8 +553,8 @@ impl MultiTaskTrainer {
                 epoch: epoch + 1,
                 global_step: run.state.global_step,
                 train_loss: mean_losses(&run.state.steps, epoch + 1),
-                val: [val.tasks[0].metrics, val.tasks[1].metrics],
-                val_loss: [val.tasks[0].loss, val.tasks[1].loss],
+                val: val.tasks.iter().map(|t| t.metrics).collect(),
+                val_loss: val.tasks.iter().map(|t| t.loss).collect(),
                 train_seconds: epoch_seconds,
             };
             log(
@@ -497,7 +567,7 @@ impl MultiTaskTrainer {
                     batches.len() - skip,
                     epoch_seconds,
                     epoch_seconds / (batches.len() - skip).max(1) as f64,
-                    describe(&self.config.tasks, &val)
+                    describe(&val)
                 ),
             );
             run.state.epochs.push(record);
@@ -513,7 +583,7 @@ impl MultiTaskTrainer {
         // Owned copies (a few short id vectors) so that the step can borrow the run mutably.
         let rows: Vec<Example> = refs
             .iter()
-            .map(|r| run.train[r.head.index()][r.index].clone())
+            .map(|r| run.train[r.task][r.index].clone())
             .collect();
         let rows: Vec<&Example> = rows.iter().collect();
         let lr_factor = run.schedule.factor(run.state.global_step);
@@ -531,10 +601,11 @@ impl MultiTaskTrainer {
         })
     }
 
-    /// Overfit mode: one batch, half head A and half head B (a seeded pick from
-    /// the training sets), trained at constant learning rates for all
-    /// `max_steps`; after each step, each head's accuracy and the total loss on
-    /// the batch in eval mode (see [`OverfitReport`]).
+    /// Overfit mode: one batch of the classification tasks' rows in equal
+    /// shares (a seeded pick from the training sets; similarity tasks sit it
+    /// out), trained at constant learning rates for all `max_steps`; after each
+    /// step, each head's accuracy and the total loss on the batch in eval mode
+    /// (see [`OverfitReport`]).
     fn overfit(&mut self, batch_size: usize, max_steps: usize) -> anyhow::Result<OverfitReport> {
         let config = self.config.clone();
         let run = self.run.as_mut().context("call setup() first")?;
@@ -542,52 +613,69 @@ impl MultiTaskTrainer {
             run.optimizer.is_some(),
             "overfit mode needs something to train (freeze=all trains nothing)"
         );
+        let classified: Vec<usize> = (0..run.columns.len())
+            .filter(|&t| run.columns[t].is_some())
+            .collect();
+        anyhow::ensure!(
+            !classified.is_empty(),
+            "overfit mode needs a classification task"
+        );
         let mut rng = epoch_rng(config.seed, 0);
-        let mut pick = |head: Head, n: usize| -> Vec<ExampleRef> {
-            let mut all: Vec<ExampleRef> = (0..run.train[head.index()].len())
-                .map(|index| ExampleRef { head, index })
+        let mut refs = Vec::new();
+        for (k, &task) in classified.iter().enumerate() {
+            let share =
+                batch_size / classified.len() + usize::from(k < batch_size % classified.len());
+            let mut all: Vec<ExampleRef> = (0..run.train[task].len())
+                .map(|index| ExampleRef { task, index })
                 .collect();
             all.shuffle(&mut rng);
-            all.truncate(n);
-            all
-        };
-        let mut refs = pick(Head::A, batch_size.div_ceil(2));
-        refs.extend(pick(Head::B, batch_size / 2));
+            all.truncate(share);
+            refs.extend(all);
+        }
         let rows: Vec<Example> = refs
             .iter()
-            .map(|r| run.train[r.head.index()][r.index].clone())
+            .map(|r| run.train[r.task][r.index].clone())
             .collect();
         let row_refs: Vec<&Example> = rows.iter().collect();
+        let tokens: Vec<&Tokens> = rows.iter().map(|r| &r.tokens).collect();
         // Each head's accuracy on its own rows of the batch, and the total
         // loss (the heads' mean cross-entropies summed), in eval mode.
         let batch_scores = |model: &MultiTaskModel,
                             pad_id: u32|
-         -> anyhow::Result<([f64; 2], f64)> {
-            let probs = predict_probabilities(model, &row_refs, pad_id, rows.len(), &self.device)?;
+         -> anyhow::Result<(Vec<f64>, f64)> {
+            let probs = predict_probabilities(model, &tokens, pad_id, rows.len(), &self.device)?;
             let mut loss = 0.0;
-            let accuracy = Head::BOTH.map(|head| {
-                let own: Vec<(usize, &Example)> = rows
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.head == head)
-                    .collect();
-                let right = own
-                    .iter()
-                    .filter(|(i, r)| argmax(&probs[*i][head.index()]) == r.label)
-                    .count();
-                let nll: f64 = own
-                    .iter()
-                    .map(|(i, r)| -(probs[*i][head.index()][r.label] as f64).max(1e-300).ln())
-                    .sum();
-                loss += nll / own.len().max(1) as f64;
-                right as f64 / own.len().max(1) as f64
-            });
+            let accuracy = classified
+                .iter()
+                .map(|&task| {
+                    let own: Vec<(usize, usize)> = rows
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| r.task == task)
+                        .filter_map(|(i, r)| Some((i, r.class()?)))
+                        .collect();
+                    let right = own
+                        .iter()
+                        .filter(|&&(i, y)| argmax(&probs[i][task]) == y)
+                        .count();
+                    let nll: f64 = own
+                        .iter()
+                        .map(|&(i, y)| -(probs[i][task][y] as f64).max(1e-300).ln())
+                        .sum();
+                    loss += nll / own.len().max(1) as f64;
+                    right as f64 / own.len().max(1) as f64
+                })
+                .collect();
             Ok((accuracy, loss))
         };
         let bar = progress_bar(config.verbose, max_steps as u64, 0);
         let (initial_accuracy, initial_loss) = batch_scores(&run.model, run.pad_id)?;
         let mut report = OverfitReport {
             batch_size: rows.len(),
+            tasks: classified
+                .iter()
+                .map(|&t| config.tasks[t].name.clone())
+                .collect(),
             initial_accuracy,
             initial_loss,
             memorised: false,
@@ -605,24 +693,28 @@ impl MultiTaskTrainer {
             run.state.steps.push(StepRecord {
                 step: step + 1,
                 epoch: 1,
-                loss,
+                loss: loss.clone(),
                 total,
                 lr_factor: 1.0,
                 grad_norm,
             });
             let (accuracy, eval_loss) = batch_scores(&run.model, run.pad_id)?;
-            report.accuracy.push(accuracy);
-            report.loss.push(loss);
-            report.eval_loss.push(eval_loss);
-            report.steps = step + 1;
-            report.memorised = accuracy == [1.0, 1.0] && eval_loss < MEMORISED_LOSS;
+            report.memorised = accuracy.iter().all(|&a| a == 1.0) && eval_loss < MEMORISED_LOSS;
             if report.memorised && report.memorised_at.is_none() {
                 report.memorised_at = Some(step + 1);
             }
             bar.set_message(format!(
-                "loss {total:.4} (eval {eval_loss:.4}) accuracy {:.2}/{:.2}",
-                accuracy[0], accuracy[1]
+                "loss {total:.4} (eval {eval_loss:.4}) accuracy {}",
+                accuracy
+                    .iter()
+                    .map(|a| format!("{a:.2}"))
+                    .collect::<Vec<_>>()
+                    .join("/")
             ));
+            report.accuracy.push(accuracy);
+            report.loss.push(loss);
+            report.eval_loss.push(eval_loss);
+            report.steps = step + 1;
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -631,13 +723,18 @@ impl MultiTaskTrainer {
             "overfit: batch of {}, loss {initial_loss:.3} -> {final_loss:.4} in {max_steps} steps: {}",
             rows.len(),
             if report.memorised {
-                "memorised (both heads 100%, loss < 0.05)"
+                "memorised (every head 100%, loss < 0.05)"
             } else {
                 "not memorised"
             }
         );
         log(self.config.verbose, &bar, &message);
         Ok(report)
+    }
+
+    /// The tasks' names, in order.
+    fn task_names(&self) -> Vec<String> {
+        self.config.tasks.iter().map(|t| t.name.clone()).collect()
     }
 
     fn save_if_configured(&self) -> anyhow::Result<()> {
@@ -658,11 +755,8 @@ impl MultiTaskTrainer {
             .context("no output folder configured")?;
         let dir = out.join(checkpoint::CHECKPOINT_DIR);
         let info = RunInfo {
-            tasks: self.config.tasks.clone(),
-            label_names: [
-                data.tasks[0].label_names.clone(),
-                data.tasks[1].label_names.clone(),
-            ],
+            tasks: run.model.tasks().to_vec(),
+            label_names: data.label_names(),
             max_len: self.config.max_len,
             dtype: self.dtype.as_str().to_string(),
             base_model: run.model_files.dir.clone(),
@@ -692,7 +786,7 @@ impl MultiTaskTrainer {
 }
 
 /// Forward, loss, backward, clipping and the optimiser step on `rows`; returns
-/// each head's loss (None without rows for it), the total and the gradient norm.
+/// each task's loss (None without rows for it), the total and the gradient norm.
 #[allow(clippy::type_complexity)]
 fn step_on(
     run: &mut Run,
@@ -700,25 +794,26 @@ fn step_on(
     config: &TrainConfig,
     lr_factor: f64,
     device: &Device,
-) -> anyhow::Result<([Option<f32>; 2], f32, Option<f32>)> {
-    let batch = collate(rows, run.pad_id, device)?;
+) -> anyhow::Result<(Vec<Option<f32>>, f32, Option<f32>)> {
+    let batch = collate(rows, &run.columns, run.pad_id, device)?;
     // Dropout masks are a function of (seed, step), so that a run, and a run
     // resumed from a checkpoint, repeat exactly.
     run.model
         .encoder()
         .seed_dropout(dropout_seed(config.seed, run.state.global_step));
-    let logits = run.model.forward(
+    let outputs = run.model.forward(
         &batch.inputs.input_ids,
         Some(&batch.inputs.token_type_ids),
         &batch.inputs.attention_mask,
         true,
-        config.freeze,
+        &config.freeze,
     )?;
     let (losses, labels_checked) =
-        MultiTaskModel::loss_deferred(&logits, &batch.labels, config.loss_weights)?;
+        run.model
+            .loss_deferred(&outputs, &batch.labels, &batch.pairs, &run.task_losses)?;
     // The step's one synchronisation: the losses, then the label check (on a
     // GPU, a bad label has made them NaN until now).
-    let per_head: Vec<f32> = losses.per_head.to_dtype(DType::F32)?.to_vec1()?;
+    let per_task: Vec<f32> = losses.per_task.to_dtype(DType::F32)?.to_vec1()?;
     labels_checked.verify()?;
     let total = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     anyhow::ensure!(
@@ -742,8 +837,9 @@ fn step_on(
         None => (None, 1.0),
     };
     optimizer.step(&grads, lr_factor, scale)?;
-    let has_rows = Head::BOTH.map(|h| rows.iter().any(|r| r.head == h));
-    let loss = Head::BOTH.map(|h| has_rows[h.index()].then_some(per_head[h.index()]));
+    let loss = (0..per_task.len())
+        .map(|t| rows.iter().any(|r| r.task == t).then_some(per_task[t]))
+        .collect();
     Ok((loss, total, grad_norm))
 }
 
@@ -752,37 +848,64 @@ fn dropout_seed(seed: u64, global_step: usize) -> u64 {
     seed ^ (global_step as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
-/// Each head's mean batch loss over the steps of `epoch` (1-based).
-fn mean_losses(steps: &[StepRecord], epoch: usize) -> [Option<f64>; 2] {
-    Head::BOTH.map(|h| {
-        let values: Vec<f64> = steps
-            .iter()
-            .filter(|s| s.epoch == epoch)
-            .filter_map(|s| s.loss[h.index()].map(f64::from))
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-    })
+/// Each task's mean batch loss over the steps of `epoch` (1-based).
+fn mean_losses(steps: &[StepRecord], epoch: usize) -> Vec<Option<f64>> {
+    let tasks = steps.iter().map(|s| s.loss.len()).max().unwrap_or(0);
+    (0..tasks)
+        .map(|t| {
+            let values: Vec<f64> = steps
+                .iter()
+                .filter(|s| s.epoch == epoch)
+                .filter_map(|s| s.loss.get(t).copied().flatten().map(f64::from))
+                .collect();
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        })
+        .collect()
+}
+
+/// The batch sizes the sampler draws from: each task's training examples.
+fn sizes(train: &[Vec<Example>]) -> Vec<usize> {
+    train.iter().map(Vec::len).collect()
+}
+
+fn model_columns(heads: &[TaskHead]) -> Vec<Option<usize>> {
+    crate::model::multitask::label_columns(heads)
+}
+
+/// `emotion (4 classes), sts (similarity)`.
+fn describe_heads(heads: &[TaskHead]) -> String {
+    heads
+        .iter()
+        .map(|h| match h.classes() {
+            Some(c) => format!("{} ({c} classes)", h.name),
+            None => format!("{} (similarity)", h.name),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn running_losses(
     steps: &[StepRecord],
     epoch: usize,
-    tasks: &[String; 2],
+    tasks: &[String],
     shown_epoch: usize,
     epochs: usize,
 ) -> String {
     let losses = mean_losses(steps, epoch);
-    let fmt = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.4}"));
-    format!(
-        "epoch {shown_epoch}/{epochs} loss {} {} {} {}",
-        tasks[0],
-        fmt(losses[0]),
-        tasks[1],
-        fmt(losses[1])
-    )
+    let fmt = |l: Option<&Option<f64>>| {
+        l.copied()
+            .flatten()
+            .map_or("-".to_string(), |l| format!("{l:.4}"))
+    };
+    let parts: Vec<String> = tasks
+        .iter()
+        .enumerate()
+        .map(|(t, name)| format!("{name} {}", fmt(losses.get(t))))
+        .collect();
+    format!("epoch {shown_epoch}/{epochs} loss {}", parts.join(" "))
 }
 
-fn by_task(report: &EvalReport) -> BTreeMap<String, TaskMetrics> {
+fn by_task(report: &EvalReport) -> BTreeMap<String, TaskScores> {
     report
         .tasks
         .iter()
@@ -790,17 +913,12 @@ fn by_task(report: &EvalReport) -> BTreeMap<String, TaskMetrics> {
         .collect()
 }
 
-/// `emotion acc 0.8149 F1 0.7725 recall 0.7601 | sentiment ...`
-fn describe(tasks: &[String; 2], report: &EvalReport) -> String {
-    tasks
+/// `emotion acc 0.8149 macro-F1 0.7725 macro-recall 0.7601 | sts Spearman 82.03 ...`
+fn describe(report: &EvalReport) -> String {
+    report
+        .tasks
         .iter()
-        .zip(&report.tasks)
-        .map(|(name, t)| {
-            format!(
-                "{name} acc {:.4} macro-F1 {:.4} macro-recall {:.4}",
-                t.metrics.accuracy, t.metrics.macro_f1, t.metrics.macro_recall
-            )
-        })
+        .map(|t| format!("{} {}", t.task, t.metrics.describe()))
         .collect::<Vec<_>>()
         .join(" | ")
 }

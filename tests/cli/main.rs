@@ -432,3 +432,69 @@ fn search_on_embed_npy_output_finds_what_the_text_corpus_finds() {
         assert!((sa - sb).abs() <= 1e-5, "{sa} vs {sb}");
     }
 }
+
+/// `train --task NAME=DIR[:KIND]`: a classification task and the STS task on
+/// the real model, two steps; the checkpoint records both tasks and `eval`
+/// scores both (macro-F1 for one, Spearman for the other).
+#[test]
+fn train_takes_any_tasks_and_eval_scores_each() {
+    let shared = shared::shared_dir().join("data");
+    let out = std::env::temp_dir().join(format!("sentence-mtl-cli-tasks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let emotion = format!("emo={}", shared.join("tweeteval/emotion").display());
+    let sts = format!("sts={}:sts", shared.join("stsb").display());
+    let report = run_cli_json(&[
+        "train".as_ref(),
+        "--task".as_ref(),
+        emotion.as_ref(),
+        "--task".as_ref(),
+        sts.as_ref(),
+        "--max-steps".as_ref(),
+        "2".as_ref(),
+        "--max-len".as_ref(),
+        "32".as_ref(),
+        "--quiet".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--output".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(report["tasks"], serde_json::json!(["emo", "sts"]));
+    assert_eq!(report["steps"], 2);
+    let eval = run_cli_json(&[
+        "eval".as_ref(),
+        "--checkpoint".as_ref(),
+        out.as_os_str(),
+        "--split".as_ref(),
+        "val".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ]);
+    let tasks = eval["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(tasks[0]["task"], "emo");
+    assert!(tasks[0]["metrics"]["macro_f1"].as_f64().unwrap() >= 0.0);
+    assert_eq!(tasks[1]["metrics"]["pairs"], 1500);
+    // Two steps barely move MiniLM: its STS figure stays near the encoder's.
+    let spearman = tasks[1]["metrics"]["spearman"].as_f64().unwrap();
+    assert!(spearman > 75.0, "{eval}");
+    // A head of another task is refused by name.
+    let output = run_cli(&[
+        "train".as_ref(),
+        "--task".as_ref(),
+        emotion.as_ref(),
+        "--freeze".as_ref(),
+        "head:topic".as_ref(),
+        "--max-steps".as_ref(),
+        "1".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("head:topic") && stderr.contains("emo"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}

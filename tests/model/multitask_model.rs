@@ -1,4 +1,4 @@
-//! The dual-head model on a tiny random BERT: rows labelled for the other head
+//! The multi-task model on a tiny random BERT: rows labelled for another head
 //! (ignore index) contribute nothing to a head's loss or gradient, and every
 //! freezing setting leaves its frozen parameters bit-identical (no gradient is
 //! even computed for them) while the trainable ones change.
@@ -9,10 +9,9 @@ use std::collections::BTreeSet;
 
 use candle_core::{DType, Device};
 use sentence_mtl::data::{collate, tokenize_split, Example, Split, TaskData};
-use sentence_mtl::model::multitask::{Freeze, MultiTaskModel};
+use sentence_mtl::model::multitask::{Freeze, MultiTaskModel, TaskHead, TaskLoss};
 use sentence_mtl::model::resolve_model;
 use sentence_mtl::model::tokenize::load_tokenizer;
-use sentence_mtl::model::Head;
 use sentence_mtl::train::{MultiTaskTrainer, TrainConfig};
 use train_support::{snapshot, temp_dir, tiny_config, tiny_data, tiny_model};
 
@@ -25,14 +24,18 @@ fn model_and_rows(
     let model_dir = tiny_model(&root.join("model"), 7, dropout);
     let data_dir = tiny_data(&root.join("data"), [16, 4, 4], 3);
     let files = resolve_model(model_dir.to_str().unwrap()).unwrap();
-    let model = MultiTaskModel::new(&files, [4, 3], 11, DType::F32, &Device::Cpu).unwrap();
+    let tasks = [
+        TaskHead::classification("emotion", 4),
+        TaskHead::classification("sentiment", 3),
+    ];
+    let model = MultiTaskModel::new(&files, &tasks, 11, DType::F32, &Device::Cpu).unwrap();
     let tok = load_tokenizer(&files, 16).unwrap();
-    let rows = [("emotion", Head::A), ("sentiment", Head::B)].map(|(task, head)| {
+    let rows = [("emotion", 0), ("sentiment", 1)].map(|(task, index)| {
         let split = TaskData::open(data_dir.join(task))
             .unwrap()
             .load(Split::Train)
             .unwrap();
-        tokenize_split(&tok, &split, head).unwrap()
+        tokenize_split(&tok, &split, index).unwrap()
     });
     (model, rows, root)
 }
@@ -41,19 +44,25 @@ fn losses(
     model: &MultiTaskModel,
     rows: &[&Example],
 ) -> (Vec<f32>, candle_core::backprop::GradStore) {
-    let batch = collate(rows, 0, &Device::Cpu).unwrap();
-    let logits = model
+    let batch = collate(rows, &model.label_columns(), 0, &Device::Cpu).unwrap();
+    let outputs = model
         .forward(
             &batch.inputs.input_ids,
             Some(&batch.inputs.token_type_ids),
             &batch.inputs.attention_mask,
             false,
-            Freeze::None,
+            &Freeze::None,
         )
         .unwrap();
-    let losses = MultiTaskModel::loss(&logits, &batch.labels, [1.0, 1.0]).unwrap();
+    let losses = model
+        .loss(&outputs, &batch.labels, &batch.pairs, &unit_losses(2))
+        .unwrap();
     let grads = losses.total.backward().unwrap();
-    (losses.per_head.to_vec1().unwrap(), grads)
+    (losses.per_task.to_vec1().unwrap(), grads)
+}
+
+fn unit_losses(tasks: usize) -> Vec<TaskLoss> {
+    vec![TaskLoss::weighted(1.0); tasks]
 }
 
 fn assert_close(a: &[f32], b: &[f32], what: &str) {
@@ -93,7 +102,10 @@ fn ignored_rows_contribute_nothing() {
             .unwrap()
     };
     for part in ["weight", "bias"] {
-        let (ga, gb) = (format!("head_a.{part}"), format!("head_b.{part}"));
+        let (ga, gb) = (
+            format!("heads.emotion.{part}"),
+            format!("heads.sentiment.{part}"),
+        );
         assert_close(&grad(&mixed_grads, &ga), &grad(&a_grads, &ga), &ga);
         assert_close(&grad(&mixed_grads, &gb), &grad(&b_grads, &gb), &gb);
         // Rows labelled only for head A give head B's parameters a zero gradient.
@@ -104,13 +116,10 @@ fn ignored_rows_contribute_nothing() {
     }
     // The ignored label's value is never read: relabelling head B's rows in
     // head A's column would change loss A, but the ignore index leaves it alone.
-    let batch = collate(&mixed, 0, &Device::Cpu).unwrap();
+    let batch = collate(&mixed, &model.label_columns(), 0, &Device::Cpu).unwrap();
     let labels = batch.labels.to_vec2::<i64>().unwrap();
     for (row, example) in labels.iter().zip(&mixed) {
-        assert_eq!(
-            row[1 - example.head.index()],
-            sentence_mtl::ops::IGNORE_INDEX
-        );
+        assert_eq!(row[1 - example.task], sentence_mtl::ops::IGNORE_INDEX);
     }
     std::fs::remove_dir_all(root).unwrap();
 }
@@ -119,31 +128,32 @@ fn ignored_rows_contribute_nothing() {
 fn frozen_parameters_get_no_gradient() {
     let (model, rows, root) = model_and_rows("nograd", 0.0);
     let batch_rows: Vec<&Example> = rows[0][..4].iter().chain(&rows[1][..4]).collect();
-    let batch = collate(&batch_rows, 0, &Device::Cpu).unwrap();
+    let batch = collate(&batch_rows, &model.label_columns(), 0, &Device::Cpu).unwrap();
     for freeze in [
         Freeze::None,
         Freeze::Backbone,
-        Freeze::HeadA,
-        Freeze::HeadB,
+        Freeze::Head("emotion".into()),
+        Freeze::Head("b".into()),
         Freeze::Lower(0),
         Freeze::Lower(1),
     ] {
-        let logits = model
+        let outputs = model
             .forward(
                 &batch.inputs.input_ids,
                 Some(&batch.inputs.token_type_ids),
                 &batch.inputs.attention_mask,
                 true,
-                freeze,
+                &freeze,
             )
             .unwrap();
-        let grads = MultiTaskModel::loss(&logits, &batch.labels, [1.0, 1.0])
+        let grads = model
+            .loss(&outputs, &batch.labels, &batch.pairs, &unit_losses(2))
             .unwrap()
             .total
             .backward()
             .unwrap();
         let trainable: BTreeSet<String> = model
-            .trainable_parameters(freeze)
+            .trainable_parameters(&freeze)
             .into_iter()
             .map(|(n, _)| n)
             .collect();
@@ -160,9 +170,9 @@ fn frozen_parameters_get_no_gradient() {
 }
 
 /// Trains three steps under `freeze`; returns (parameters before, after, trainable names).
-fn train_three_steps(freeze: Freeze, root: &std::path::Path) -> Vec<(String, bool, bool)> {
+fn train_three_steps(freeze: &Freeze, root: &std::path::Path) -> Vec<(String, bool, bool)> {
     let config = TrainConfig {
-        freeze,
+        freeze: freeze.clone(),
         max_steps: Some(3),
         ..tiny_config(&root.join("model"), &root.join("data"))
     };
@@ -178,7 +188,7 @@ fn train_three_steps(freeze: Freeze, root: &std::path::Path) -> Vec<(String, boo
     let report = trainer.train().unwrap();
     assert_eq!(
         report.steps,
-        if freeze == Freeze::All { 0 } else { 3 },
+        if *freeze == Freeze::All { 0 } else { 3 },
         "{freeze}"
     );
     let after = snapshot(&trainer.model().unwrap().parameters());
@@ -203,13 +213,13 @@ fn freezing_keeps_frozen_parameters_bit_identical() {
         Freeze::None,
         Freeze::All,
         Freeze::Backbone,
-        Freeze::HeadA,
-        Freeze::HeadB,
+        Freeze::Head("sentiment".into()),
+        Freeze::Head("a".into()),
         Freeze::Lower(0),
         Freeze::Lower(1),
         Freeze::Lower(2),
     ] {
-        let params = train_three_steps(freeze, &root);
+        let params = train_three_steps(&freeze, &root);
         for (name, trainable, changed) in &params {
             assert_eq!(
                 trainable, changed,
@@ -221,13 +231,13 @@ fn freezing_keeps_frozen_parameters_bit_identical() {
             .filter(|p| !p.1)
             .map(|p| p.0.as_str())
             .collect();
-        let expected_frozen = |name: &str| match freeze {
+        let expected_frozen = |name: &str| match &freeze {
             Freeze::None => false,
             Freeze::All => true,
-            Freeze::Backbone => !name.starts_with("head_"),
-            Freeze::HeadA => name.starts_with("head_a."),
-            Freeze::HeadB => name.starts_with("head_b."),
-            Freeze::Lower(n) => {
+            Freeze::Backbone => !name.starts_with("heads."),
+            Freeze::Head(h) if h == "a" => name.starts_with("heads.emotion."),
+            Freeze::Head(h) => name.starts_with(&format!("heads.{h}.")),
+            &Freeze::Lower(n) => {
                 name.starts_with("embeddings.")
                     || (0..n).any(|i| name.starts_with(&format!("encoder.layer.{i}.")))
             }

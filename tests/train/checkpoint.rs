@@ -8,9 +8,8 @@ use crate::train_support;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use sentence_mtl::data::{Example, Split};
-use sentence_mtl::model::tokenize::tokenize;
-use sentence_mtl::model::Head;
+use sentence_mtl::data::Split;
+use sentence_mtl::model::tokenize::{tokenize, Tokens};
 use sentence_mtl::train::evaluate::predict;
 use sentence_mtl::train::evaluate::predict_probabilities;
 use sentence_mtl::train::{checkpoint, MultiTaskTrainer, TrainConfig, TrainReport, TrainState};
@@ -110,16 +109,8 @@ fn a_checkpoint_predicts_what_the_trained_model_predicts() {
     ]
     .map(String::from)
     .to_vec();
-    let rows: Vec<Example> = tokenize(&loaded.tokenizer, &texts)
-        .unwrap()
-        .into_iter()
-        .map(|tokens| Example {
-            tokens,
-            head: Head::A,
-            label: 0,
-        })
-        .collect();
-    let rows: Vec<&Example> = rows.iter().collect();
+    let tokens = tokenize(&loaded.tokenizer, &texts).unwrap();
+    let rows: Vec<&Tokens> = tokens.iter().collect();
     let trained =
         predict_probabilities(trainer.model().unwrap(), &rows, 0, 3, &Device::Cpu).unwrap();
     let restored = predict_probabilities(&loaded.model, &rows, 0, 3, &Device::Cpu).unwrap();
@@ -134,7 +125,14 @@ fn a_checkpoint_predicts_what_the_trained_model_predicts() {
     assert!(json["sentiment"]["label"].is_string());
     // And the split metrics agree with the trainer's own evaluation.
     let from_trainer = trainer.evaluate(Split::Val).unwrap();
-    assert_eq!(from_trainer.tasks[0].metrics.count, 6);
+    assert_eq!(
+        from_trainer.tasks[0]
+            .metrics
+            .classification()
+            .unwrap()
+            .count,
+        6
+    );
     std::fs::remove_dir_all(root).unwrap();
 }
 
@@ -164,8 +162,8 @@ fn a_resumed_run_ends_where_an_uninterrupted_run_ends() {
     assert_eq!(resumed_state.epochs.len(), 2);
     for (a, b) in resumed_state.epochs.iter().zip(&full_state.epochs) {
         assert_eq!(
-            (a.epoch, a.global_step, a.val, a.val_loss),
-            (b.epoch, b.global_step, b.val, b.val_loss)
+            (a.epoch, a.global_step, &a.val, &a.val_loss),
+            (b.epoch, b.global_step, &b.val, &b.val_loss)
         );
     }
     assert!(

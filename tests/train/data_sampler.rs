@@ -1,20 +1,19 @@
-//! Both samplers visit every example exactly once per epoch, deterministically
-//! for a seed; collation pads to the longest row and marks the other head ignored.
+//! Both samplers visit every example of every task exactly once per epoch,
+//! deterministically for a seed; collation pads to the longest sentence, marks
+//! the other tasks' columns ignored and lays out similarity pairs.
 
 use std::collections::BTreeSet;
 
 use candle_core::Device;
-use sentence_mtl::data::{collate, epoch_batches, Example, ExampleRef, SamplerKind};
+use sentence_mtl::data::{collate, epoch_batches, Example, ExampleRef, SamplerKind, Target};
 use sentence_mtl::model::tokenize::Tokens;
-use sentence_mtl::model::Head;
 use sentence_mtl::ops::IGNORE_INDEX;
 
 const KINDS: [SamplerKind; 2] = [SamplerKind::Proportional, SamplerKind::RoundRobin];
 
-fn every_example(sizes: [usize; 2]) -> BTreeSet<ExampleRef> {
-    Head::BOTH
-        .into_iter()
-        .flat_map(|head| (0..sizes[head.index()]).map(move |index| ExampleRef { head, index }))
+fn every_example(sizes: &[usize]) -> BTreeSet<ExampleRef> {
+    (0..sizes.len())
+        .flat_map(|task| (0..sizes[task]).map(move |index| ExampleRef { task, index }))
         .collect()
 }
 
@@ -22,11 +21,13 @@ fn every_example(sizes: [usize; 2]) -> BTreeSet<ExampleRef> {
 fn every_example_once_per_epoch() {
     for kind in KINDS {
         for (sizes, batch) in [
-            ([3257, 10000], 32),
-            ([5, 17], 4),
-            ([1, 0], 3),
-            ([9, 9], 1),
-            ([0, 0], 8),
+            (&[3257, 10000][..], 32),
+            (&[5, 17], 4),
+            (&[1, 0], 3),
+            (&[9, 9], 1),
+            (&[0, 0], 8),
+            (&[7], 3),
+            (&[3, 0, 11, 5], 4),
         ] {
             for epoch in 0..3 {
                 let batches = epoch_batches(kind, sizes, batch, 42, epoch);
@@ -34,7 +35,7 @@ fn every_example_once_per_epoch() {
                 let unique: BTreeSet<ExampleRef> = seen.iter().copied().collect();
                 assert_eq!(
                     seen.len(),
-                    sizes[0] + sizes[1],
+                    sizes.iter().sum::<usize>(),
                     "{kind:?} {sizes:?}: each example once"
                 );
                 assert_eq!(unique, every_example(sizes), "{kind:?} {sizes:?}");
@@ -46,7 +47,7 @@ fn every_example_once_per_epoch() {
 
 #[test]
 fn proportional_gives_the_pytorch_step_count_and_mixed_batches() {
-    let batches = epoch_batches(SamplerKind::Proportional, [3257, 10000], 32, 42, 0);
+    let batches = epoch_batches(SamplerKind::Proportional, &[3257, 10000], 32, 42, 0);
     assert_eq!(
         batches.len(),
         415,
@@ -55,45 +56,50 @@ fn proportional_gives_the_pytorch_step_count_and_mixed_batches() {
     assert!(batches[..414].iter().all(|b| b.len() == 32));
     let mixed = batches
         .iter()
-        .filter(|b| b.iter().any(|r| r.head == Head::A) && b.iter().any(|r| r.head == Head::B));
+        .filter(|b| b.iter().any(|r| r.task == 0) && b.iter().any(|r| r.task == 1));
     assert!(mixed.count() > 300, "most batches hold rows of both tasks");
 }
 
 #[test]
 fn round_robin_alternates_single_task_batches() {
-    let batches = epoch_batches(SamplerKind::RoundRobin, [10, 30], 4, 7, 0);
-    let heads: Vec<Head> = batches
-        .iter()
-        .map(|b| {
-            assert!(b.iter().all(|r| r.head == b[0].head), "single-task batch");
-            b[0].head
-        })
-        .collect();
+    let task_of = |batches: Vec<Vec<ExampleRef>>| -> Vec<usize> {
+        batches
+            .iter()
+            .map(|b| {
+                assert!(b.iter().all(|r| r.task == b[0].task), "single-task batch");
+                b[0].task
+            })
+            .collect()
+    };
+    let batches = epoch_batches(SamplerKind::RoundRobin, &[10, 30], 4, 7, 0);
     // 3 batches of A (4+4+2), 8 of B: A B A B A B, then the rest of B.
-    let expected: Vec<Head> = [Head::A, Head::B, Head::A, Head::B, Head::A, Head::B]
+    let expected: Vec<usize> = [0, 1, 0, 1, 0, 1]
         .into_iter()
-        .chain(std::iter::repeat_n(Head::B, 5))
+        .chain(std::iter::repeat_n(1, 5))
         .collect();
-    assert_eq!(heads, expected);
+    assert_eq!(task_of(batches), expected);
+    // Three tasks: one batch of each in turn, the used-up ones dropping out.
+    let batches = epoch_batches(SamplerKind::RoundRobin, &[4, 12, 8], 4, 7, 0);
+    assert_eq!(task_of(batches), [0, 1, 2, 1, 2, 1]);
 }
 
 #[test]
 fn shuffling_is_seeded_and_differs_by_epoch() {
     for kind in KINDS {
-        let a = epoch_batches(kind, [50, 70], 8, 42, 1);
+        let a = epoch_batches(kind, &[50, 70], 8, 42, 1);
         assert_eq!(
             a,
-            epoch_batches(kind, [50, 70], 8, 42, 1),
+            epoch_batches(kind, &[50, 70], 8, 42, 1),
             "{kind:?}: same seed, same order"
         );
         assert_ne!(
             a,
-            epoch_batches(kind, [50, 70], 8, 42, 2),
+            epoch_batches(kind, &[50, 70], 8, 42, 2),
             "{kind:?}: epochs differ"
         );
         assert_ne!(
             a,
-            epoch_batches(kind, [50, 70], 8, 43, 1),
+            epoch_batches(kind, &[50, 70], 8, 43, 1),
             "{kind:?}: seeds differ"
         );
     }
@@ -107,28 +113,30 @@ fn collate_pads_to_the_longest_and_ignores_the_other_head() {
                 input_ids: vec![101, 7, 102],
                 type_ids: vec![0; 3],
             },
-            head: Head::A,
-            label: 3,
+            task: 0,
+            target: Target::Class(3),
         },
         Example {
             tokens: Tokens {
                 input_ids: vec![101, 8, 9, 10, 102],
                 type_ids: vec![0; 5],
             },
-            head: Head::B,
-            label: 2,
+            task: 1,
+            target: Target::Class(2),
         },
         Example {
             tokens: Tokens {
                 input_ids: vec![101, 102],
                 type_ids: vec![0; 2],
             },
-            head: Head::B,
-            label: 0,
+            task: 1,
+            target: Target::Class(0),
         },
     ];
     let refs: Vec<&Example> = rows.iter().collect();
-    let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+    let columns = [Some(0), Some(1)];
+    let batch = collate(&refs, &columns, 0, &Device::Cpu).unwrap();
+    assert!(batch.pairs.is_empty());
     assert_eq!(batch.inputs.input_ids.dims(), &[3, 5]);
     assert_eq!(
         batch.inputs.input_ids.to_vec2::<u32>().unwrap(),
@@ -154,5 +162,72 @@ fn collate_pads_to_the_longest_and_ignores_the_other_head() {
             vec![IGNORE_INDEX, 0]
         ]
     );
-    assert!(collate(&[], 0, &Device::Cpu).is_err());
+    assert!(collate(&[], &columns, 0, &Device::Cpu).is_err());
+}
+
+fn tokens(ids: &[u32]) -> Tokens {
+    Tokens {
+        input_ids: ids.to_vec(),
+        type_ids: vec![0; ids.len()],
+    }
+}
+
+/// A similarity row adds its second sentence after every row's first one;
+/// its task's pairs point at both; pair sentences are labelled for no head.
+#[test]
+fn collate_lays_out_sentence_pairs_after_the_rows() {
+    let rows = [
+        Example {
+            tokens: tokens(&[101, 5, 102]),
+            task: 1,
+            target: Target::Pair {
+                second: tokens(&[101, 6, 7, 102]),
+                score: 4.5,
+            },
+        },
+        Example {
+            tokens: tokens(&[101, 8, 102]),
+            task: 0,
+            target: Target::Class(2),
+        },
+        Example {
+            tokens: tokens(&[101, 9, 102]),
+            task: 1,
+            target: Target::Pair {
+                second: tokens(&[101, 102]),
+                score: 0.5,
+            },
+        },
+    ];
+    let refs: Vec<&Example> = rows.iter().collect();
+    // Task 0 classification (column 0), task 1 similarity.
+    let columns = [Some(0), None];
+    let batch = collate(&refs, &columns, 0, &Device::Cpu).unwrap();
+    assert_eq!(batch.inputs.input_ids.dims(), &[5, 4]);
+    assert_eq!(
+        batch.inputs.input_ids.to_vec2::<u32>().unwrap()[3],
+        vec![101, 6, 7, 102]
+    );
+    assert_eq!(
+        batch.labels.to_vec2::<i64>().unwrap(),
+        vec![
+            vec![IGNORE_INDEX],
+            vec![2],
+            vec![IGNORE_INDEX],
+            vec![IGNORE_INDEX],
+            vec![IGNORE_INDEX]
+        ]
+    );
+    assert_eq!(batch.pairs.len(), 1);
+    let pairs = &batch.pairs[0];
+    assert_eq!(pairs.task, 1);
+    assert_eq!(pairs.first.to_vec1::<u32>().unwrap(), [0, 2]);
+    assert_eq!(pairs.second.to_vec1::<u32>().unwrap(), [3, 4]);
+    assert_eq!(pairs.scores.to_vec1::<f32>().unwrap(), [4.5, 0.5]);
+    // A row whose target does not fit its task's kind is an error.
+    let wrong = [Some(0), Some(1)];
+    let err = collate(&refs, &wrong, 0, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not match"), "{err}");
 }

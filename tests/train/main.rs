@@ -8,4 +8,5 @@ mod train_support;
 mod checkpoint;
 mod data_loader;
 mod data_sampler;
+mod n_tasks;
 mod overfit;

@@ -15,7 +15,11 @@ const STEPS: usize = 30;
 #[test]
 fn overfit_memorises_a_mixed_batch_of_8_on_minilm() {
     let config = TrainConfig {
-        data_dir: shared_dir().join("data/tweeteval"),
+        tasks: TrainConfig::tweeteval_tasks(
+            &shared_dir().join("data/tweeteval"),
+            "emotion",
+            "sentiment",
+        ),
         overfit: Some(OverfitConfig {
             batch_size: 8,
             max_steps: STEPS,
@@ -43,7 +47,7 @@ fn overfit_memorises_a_mixed_batch_of_8_on_minilm() {
         overfit.accuracy.last(),
         overfit.eval_loss
     );
-    assert_eq!(overfit.accuracy.last(), Some(&[1.0, 1.0]));
+    assert_eq!(overfit.accuracy.last(), Some(&vec![1.0, 1.0]));
     assert!(last < MEMORISED_LOSS, "final loss {last}");
     assert!(overfit.memorised_at.is_some_and(|s| s <= STEPS));
     assert!(

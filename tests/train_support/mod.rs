@@ -214,7 +214,7 @@ pub fn tiny_data(dir: &Path, rows: [usize; 3], seed: u64) -> PathBuf {
 /// quiet, dropout as the model was written with.
 pub fn tiny_config(model: &Path, data: &Path) -> TrainConfig {
     TrainConfig {
-        data_dir: data.to_path_buf(),
+        tasks: TrainConfig::tweeteval_tasks(data, "emotion", "sentiment"),
         model: model.display().to_string(),
         epochs: 2,
         batch_size: 8,
@@ -245,4 +245,31 @@ pub fn snapshot(params: &BTreeMap<String, candle_core::Var>) -> BTreeMap<String,
             )
         })
         .collect()
+}
+
+/// An STS-B-shaped folder (`stsb-en-{train,dev,test}.csv`) of `rows[split]`
+/// rated pairs per split: two sentences of the same emotion cues score high,
+/// of different ones low (plus noise), so the ratings have a learnable order.
+pub fn tiny_sts(dir: &Path, rows: [usize; 3], seed: u64) -> PathBuf {
+    let mut rng = StdRng::seed_from_u64(seed);
+    std::fs::create_dir_all(dir).unwrap();
+    for (split, n) in ["train", "dev", "test"].into_iter().zip(rows) {
+        let mut csv = String::new();
+        for i in 0..n {
+            let a = i % EMOTION_WORDS.len();
+            let b = if i % 2 == 0 {
+                a
+            } else {
+                (a + 1) % EMOTION_WORDS.len()
+            };
+            let score = if a == b { 4.0 } else { 1.0 } + rng.random_range(0.0..1.0);
+            let (s1, s2) = (
+                sentence(&mut rng, &EMOTION_WORDS[a]),
+                sentence(&mut rng, &EMOTION_WORDS[b]),
+            );
+            csv.push_str(&format!("{s1},{s2},{score:.2}\n"));
+        }
+        std::fs::write(dir.join(format!("stsb-en-{split}.csv")), csv).unwrap();
+    }
+    dir.to_path_buf()
 }
