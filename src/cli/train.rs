@@ -111,6 +111,10 @@ pub struct TrainArgs {
     /// Skip the evaluation on the test splits at the end.
     #[arg(long)]
     pub no_test: bool,
+    /// Keep the epoch with the best validation scores (mean macro-F1, or
+    /// Spearman for similarity tasks): tested at the end, saved in `best/`.
+    #[arg(long)]
+    pub best_epoch: bool,
     /// No progress bar or log lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -169,6 +173,7 @@ impl TrainArgs {
                 max_steps: self.overfit_steps,
             }),
             test_at_end: !self.no_test,
+            best_epoch: self.best_epoch,
             verbose: !self.quiet,
             resume: self.resume,
         })

@@ -173,6 +173,11 @@ pub struct TrainConfig {
     pub overfit: Option<OverfitConfig>,
     /// Evaluate on the test splits after training.
     pub test_at_end: bool,
+    /// Keep the epoch whose validation scores are best (the mean over the
+    /// tasks of macro-F1, or Spearman/100 for a similarity task): its weights
+    /// are restored after the last epoch, tested, and saved in `best/`.
+    #[serde(default)]
+    pub best_epoch: bool,
     /// Progress bar (terminals only) and log lines on stderr.
     pub verbose: bool,
     /// Carry on from the checkpoint in `output_dir`.
@@ -218,6 +223,7 @@ impl Default for TrainConfig {
             checkpoint_every: None,
             overfit: None,
             test_at_end: true,
+            best_epoch: false,
             verbose: true,
             resume: false,
         }
@@ -308,6 +314,7 @@ impl TrainConfig {
             c.checkpoint_every = None;
             c.eval_batch_size = 0;
             c.test_at_end = false;
+            c.best_epoch = false;
             c.verbose = false;
             c.resume = false;
             serde_json::to_value(c).expect("config to JSON")

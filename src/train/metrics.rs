@@ -140,6 +140,14 @@ impl TaskScores {
         }
     }
 
+    /// The score an epoch is chosen by: macro-F1, or Spearman/100.
+    pub fn selection_score(&self) -> f64 {
+        match self {
+            TaskScores::Classification(m) => m.macro_f1,
+            TaskScores::Similarity(r) => r.spearman / 100.0,
+        }
+    }
+
     /// The classification metrics, `None` for a similarity task.
     pub fn classification(&self) -> Option<&TaskMetrics> {
         match self {

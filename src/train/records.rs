@@ -106,6 +106,9 @@ pub struct TrainReport {
     pub epochs_completed: usize,
     /// `max_steps` stopped the run before its last epoch ended.
     pub stopped_early: bool,
+    /// With `best_epoch`: the epoch whose weights were kept (and tested).
+    #[serde(default)]
+    pub best_epoch: Option<usize>,
     /// Wall time of all training steps (evaluation excluded).
     pub train_seconds: f64,
     /// Mean wall time of a step; `None` when no step was taken.

@@ -15,12 +15,12 @@
 //! gives the same losses on the CPU, and a resumed run the same result as one
 //! that never stopped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use tokenizers::Tokenizer;
@@ -105,6 +105,9 @@ struct Run {
     steps_per_epoch: usize,
     schedule: LrSchedule,
     state: TrainState,
+    /// With `best_epoch`: the best validation score so far, its epoch, and a
+    /// copy of its weights.
+    best: Option<(f64, usize, HashMap<String, Tensor>)>,
 }
 
 /// The notebook's trainer: [`prepare_data`](Self::prepare_data) reads and checks
@@ -266,6 +269,7 @@ impl MultiTaskTrainer {
             steps_per_epoch,
             schedule,
             state: TrainState::default(),
+            best: None,
         };
         if let Some(dir) = resumed {
             run.state = checkpoint::read_json(&dir.join(checkpoint::STATE_FILE))?;
@@ -420,6 +424,7 @@ impl MultiTaskTrainer {
             steps: 0,
             epochs_completed: 0,
             stopped_early: false,
+            best_epoch: None,
             train_seconds: 0.0,
             seconds_per_step: None,
             val: None,
@@ -445,6 +450,9 @@ impl MultiTaskTrainer {
             self.save_if_configured()?;
         } else {
             report.stopped_early = self.train_epochs()?;
+            if !report.stopped_early {
+                report.best_epoch = self.restore_best()?;
+            }
         }
         let run = self.run_ref()?;
         report.steps = run.state.global_step;
@@ -452,11 +460,16 @@ impl MultiTaskTrainer {
         report.train_seconds = run.state.train_seconds;
         report.seconds_per_step =
             (report.steps > 0).then(|| run.state.train_seconds / report.steps as f64);
-        if let Some(last) = run.state.epochs.last() {
+        // The validation scores of the weights the run ends with.
+        let kept = match report.best_epoch {
+            Some(epoch) => run.state.epochs.get(epoch - 1),
+            None => run.state.epochs.last(),
+        };
+        if let Some(kept) = kept {
             report.val = Some(
                 self.task_names()
                     .into_iter()
-                    .zip(last.val.clone())
+                    .zip(kept.val.clone())
                     .collect(),
             );
         }
@@ -570,6 +583,23 @@ impl MultiTaskTrainer {
                     describe(&val)
                 ),
             );
+            if self.config.best_epoch {
+                let score = val
+                    .tasks
+                    .iter()
+                    .map(|t| t.metrics.selection_score())
+                    .sum::<f64>()
+                    / val.tasks.len() as f64;
+                if run.best.as_ref().is_none_or(|(best, _, _)| score > *best) {
+                    let weights = run
+                        .model
+                        .weights()
+                        .into_iter()
+                        .map(|(k, v)| Ok((k, v.copy()?)))
+                        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+                    run.best = Some((score, epoch + 1, weights));
+                }
+            }
             run.state.epochs.push(record);
             self.save_if_configured()?;
         }
@@ -732,6 +762,33 @@ impl MultiTaskTrainer {
         Ok(report)
     }
 
+    /// With `best_epoch`: puts the best epoch's weights back (the checkpoint
+    /// keeps the last epoch's, to resume from) and saves them in `best/`.
+    fn restore_best(&mut self) -> anyhow::Result<Option<usize>> {
+        let Some(run) = self.run.as_mut() else {
+            return Ok(None);
+        };
+        let Some((score, epoch, weights)) = run.best.take() else {
+            return Ok(None);
+        };
+        for (name, var) in run.model.parameters() {
+            if let Some(saved) = weights.get(&name) {
+                var.set(saved)?;
+            }
+        }
+        log(
+            self.config.verbose,
+            &ProgressBar::hidden(),
+            &format!(
+                "best epoch: {epoch} (mean validation score {score:.4}); its weights are kept"
+            ),
+        );
+        if self.config.output_dir.is_some() {
+            self.save_checkpoint_in(BEST_DIR, false)?;
+        }
+        Ok(Some(epoch))
+    }
+
     /// The tasks' names, in order.
     fn task_names(&self) -> Vec<String> {
         self.config.tasks.iter().map(|t| t.name.clone()).collect()
@@ -746,6 +803,12 @@ impl MultiTaskTrainer {
 
     /// Writes the checkpoint into `<output>/checkpoint`, atomically.
     pub fn save_checkpoint(&self) -> anyhow::Result<PathBuf> {
+        self.save_checkpoint_in(checkpoint::CHECKPOINT_DIR, true)
+    }
+
+    /// Writes the model (and, with `optimizer`, AdamW's state) into
+    /// `<output>/<name>`, atomically.
+    fn save_checkpoint_in(&self, name: &str, optimizer: bool) -> anyhow::Result<PathBuf> {
         let run = self.run_ref()?;
         let data = self.data.as_ref().context("call prepare_data() first")?;
         let out = self
@@ -753,7 +816,7 @@ impl MultiTaskTrainer {
             .output_dir
             .as_deref()
             .context("no output folder configured")?;
-        let dir = out.join(checkpoint::CHECKPOINT_DIR);
+        let dir = out.join(name);
         let info = RunInfo {
             tasks: run.model.tasks().to_vec(),
             label_names: data.label_names(),
@@ -764,7 +827,7 @@ impl MultiTaskTrainer {
         };
         checkpoint::write_atomically(&dir, |tmp: &Path| {
             checkpoint::write_safetensors(&tmp.join(checkpoint::MODEL_FILE), &run.model.weights())?;
-            if let Some(opt) = &run.optimizer {
+            if let Some(opt) = run.optimizer.as_ref().filter(|_| optimizer) {
                 checkpoint::write_safetensors(
                     &tmp.join(checkpoint::OPTIMIZER_FILE),
                     &opt.state_tensors()?,
@@ -842,6 +905,9 @@ fn step_on(
         .collect();
     Ok((loss, total, grad_norm))
 }
+
+/// The folder, in the output folder, of the best epoch's model (`best_epoch`).
+pub const BEST_DIR: &str = "best";
 
 /// The dropout seed of the step after `global_step` steps.
 fn dropout_seed(seed: u64, global_step: usize) -> u64 {

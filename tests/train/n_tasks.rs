@@ -241,3 +241,49 @@ fn similarity_loss_is_cosent_and_reaches_only_the_backbone() {
     assert!(norm("encoder.layer.0.attention.self.query.weight") > 0.0);
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// `best_epoch` keeps the epoch of the best mean validation score: the report
+/// names it, and the `best/` checkpoint scores on validation what that epoch
+/// scored.
+#[test]
+fn best_epoch_keeps_the_best_validation_epoch() {
+    let root = setup("best-epoch");
+    let out = root.join("run");
+    let config = TrainConfig {
+        tasks: four_tasks(&root),
+        output_dir: Some(out.clone()),
+        epochs: 3,
+        best_epoch: true,
+        ..tiny_config(&root.join("model"), &root.join("data"))
+    };
+    let mut trainer = MultiTaskTrainer::new(config, Device::Cpu, DType::F32).unwrap();
+    let report = trainer.train().unwrap();
+    let epochs = &trainer.state().unwrap().epochs;
+    assert_eq!(epochs.len(), 3);
+    let mean = |e: usize| {
+        epochs[e]
+            .val
+            .iter()
+            .map(TaskScores::selection_score)
+            .sum::<f64>()
+            / 4.0
+    };
+    // The first epoch of the highest mean (ties keep the earlier one).
+    let best = (0..3).fold(0, |b, e| if mean(e) > mean(b) { e } else { b });
+    assert_eq!(report.best_epoch, Some(best + 1));
+    let val = report.val.as_ref().unwrap();
+    assert_eq!(val["emotion"], epochs[best].val[0]);
+    let loaded = checkpoint::load(&out.join("best"), &Device::Cpu, None).unwrap();
+    let eval = sentence_mtl::train::evaluate::evaluate_checkpoint(
+        &loaded,
+        None,
+        Split::Val,
+        16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (t, task) in eval.tasks.iter().enumerate() {
+        assert_eq!(task.metrics, epochs[best].val[t], "{}", task.task);
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
