@@ -65,6 +65,10 @@ pub struct TrainArgs {
     /// AdamW learning rate of the heads.
     #[arg(long, default_value_t = 1e-3)]
     pub head_lr: f64,
+    /// Layer-wise learning-rate decay (the top layer at --backbone-lr, each
+    /// one below at this factor times the one above; 1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub layer_decay: f64,
     /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
@@ -158,6 +162,7 @@ impl TrainArgs {
             max_len: self.max_len,
             backbone_lr: self.backbone_lr,
             head_lr: self.head_lr,
+            layer_decay: self.layer_decay,
             weight_decay: self.weight_decay,
             decay_bias_and_norm: !self.no_decay_bias_norm,
             adam: Default::default(),

@@ -77,6 +77,10 @@ impl FromStr for TaskSpec {
     }
 }
 
+fn one() -> f64 {
+    1.0
+}
+
 /// How classification tasks weigh their classes in the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -142,8 +146,13 @@ pub struct TrainConfig {
     pub max_len: usize,
     /// Peak AdamW learning rate of the backbone (embeddings and encoder layers).
     pub backbone_lr: f64,
-    /// Peak AdamW learning rate of the two classification heads.
+    /// Peak AdamW learning rate of the classification heads.
     pub head_lr: f64,
+    /// Layer-wise learning-rate decay: the top encoder layer trains at
+    /// `backbone_lr`, each layer below at this times the rate of the one
+    /// above, the embeddings below the lowest layer (1 = one rate for all).
+    #[serde(default = "one")]
+    pub layer_decay: f64,
     /// AdamW's decoupled weight decay, for every trained parameter unless
     /// `decay_bias_and_norm` exempts it.
     pub weight_decay: f64,
@@ -211,6 +220,7 @@ impl Default for TrainConfig {
             max_len: 64,
             backbone_lr: 5e-5,
             head_lr: 1e-3,
+            layer_decay: 1.0,
             weight_decay: 0.01,
             decay_bias_and_norm: true,
             adam: AdamWParams::default(),
@@ -261,6 +271,11 @@ impl TrainConfig {
                 "{name} must be a finite non-negative number, got {lr}"
             );
         }
+        anyhow::ensure!(
+            self.layer_decay > 0.0 && self.layer_decay <= 1.0,
+            "layer_decay must be in (0, 1], got {}",
+            self.layer_decay
+        );
         anyhow::ensure!(
             self.weight_decay >= 0.0,
             "weight_decay must be non-negative"

@@ -149,6 +149,16 @@ impl MultiTaskTrainer {
         self.run.as_ref().map(|r| &r.state)
     }
 
+    /// The optimiser's parameter groups (name, learning rate, tensors,
+    /// values), once `setup()` has run; `None` when nothing trains.
+    pub fn optimizer_groups(&self) -> Option<Vec<(String, f64, usize, usize)>> {
+        self.run
+            .as_ref()?
+            .optimizer
+            .as_ref()
+            .map(AdamW::group_summary)
+    }
+
     /// The tasks' data, once `prepare_data()` has read it.
     pub fn data(&self) -> Option<&PreparedData> {
         self.data.as_ref()
@@ -351,22 +361,37 @@ impl MultiTaskTrainer {
     /// LayerNorm weights are exempt from weight decay.
     fn build_optimizer(&self, model: &MultiTaskModel) -> anyhow::Result<Option<AdamW>> {
         let c = &self.config;
+        let layers = model.num_layers();
         let mut groups: Vec<ParamGroup> = Vec::new();
         for (name, var) in model.trainable_parameters(&c.freeze) {
             let is_head = name.starts_with("heads.");
             let no_decay =
                 !c.decay_bias_and_norm && (name.ends_with(".bias") || name.contains("LayerNorm"));
+            // Layer-wise decay: the top layer at the backbone's rate, each one
+            // below at `layer_decay` times the one above, the embeddings last.
+            let depth = match (is_head, layer_of(&name)) {
+                (true, _) => None,
+                (false, Some(layer)) => Some(layers.saturating_sub(layer + 1)),
+                (false, None) => Some(layers),
+            }
+            .filter(|_| c.layer_decay != 1.0);
             let group_name = format!(
-                "{}{}",
+                "{}{}{}",
                 if is_head { "heads" } else { "backbone" },
+                depth.map_or(String::new(), |d| format!("_depth{d}")),
                 if no_decay { "_no_decay" } else { "" }
             );
+            let lr = if is_head {
+                c.head_lr
+            } else {
+                c.backbone_lr * c.layer_decay.powi(depth.unwrap_or(0) as i32)
+            };
             let group = match groups.iter_mut().position(|g| g.name == group_name) {
                 Some(i) => &mut groups[i],
                 None => {
                     groups.push(ParamGroup {
                         name: group_name,
-                        lr: if is_head { c.head_lr } else { c.backbone_lr },
+                        lr,
                         weight_decay: if no_decay { 0.0 } else { c.weight_decay },
                         params: Vec::new(),
                     });
@@ -904,6 +929,15 @@ fn step_on(
         .map(|t| rows.iter().any(|r| r.task == t).then_some(per_task[t]))
         .collect();
     Ok((loss, total, grad_norm))
+}
+
+/// `Some(i)` for a parameter of `encoder.layer.{i}.`.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("encoder.layer.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The folder, in the output folder, of the best epoch's model (`best_epoch`).

@@ -287,3 +287,33 @@ fn best_epoch_keeps_the_best_validation_epoch() {
     }
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// Layer-wise decay: the top layer at the backbone's rate, each lower one at
+/// `layer_decay` times it, the embeddings lowest; the heads keep theirs.
+#[test]
+fn layer_decay_scales_each_layers_learning_rate() {
+    let root = setup("layer-decay");
+    let config = TrainConfig {
+        layer_decay: 0.5,
+        ..tiny_config(&root.join("model"), &root.join("data"))
+    };
+    let (backbone_lr, head_lr) = (config.backbone_lr, config.head_lr);
+    let mut trainer = MultiTaskTrainer::new(config, Device::Cpu, DType::F32).unwrap();
+    trainer.setup().unwrap();
+    let layers = trainer.model().unwrap().num_layers();
+    let groups = trainer.optimizer_groups().unwrap();
+    let lr_of = |name: &str| groups.iter().find(|g| g.0 == name).map(|g| g.1);
+    assert_eq!(lr_of("heads"), Some(head_lr));
+    for depth in 0..=layers {
+        let want = backbone_lr * 0.5f64.powi(depth as i32);
+        assert_eq!(
+            lr_of(&format!("backbone_depth{depth}")),
+            Some(want),
+            "{groups:?}"
+        );
+    }
+    // Every backbone tensor is in one of those groups.
+    let counted: usize = groups.iter().map(|g| g.2).sum();
+    assert_eq!(counted, trainer.model().unwrap().parameters().len());
+    std::fs::remove_dir_all(root).unwrap();
+}
