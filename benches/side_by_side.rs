@@ -18,6 +18,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use sentence_mtl::ops::cross_entropy::dual_head_cross_entropy_composed;
+use sentence_mtl::ops::multi_head_cross_entropy::{
+    multi_head_cross_entropy, multi_head_cross_entropy_composed, CeHead, MultiHeadLoss,
+};
 use sentence_mtl::ops::{
     cosine_similarity, cosine_similarity_matrix, cosine_top_k, dual_head_cross_entropy,
     l2_normalize, masked_mean_pool, IGNORE_INDEX,
@@ -351,6 +354,62 @@ fn cross_entropy_cases(cases: &mut Vec<Comparison>) -> Result<()> {
     Ok(())
 }
 
+/// The N-head op against its composed candle ops: the recipe's two heads (4 + 3
+/// classes) and four heads (4, 3, 6, 2), each row labelled for one head.
+fn multi_head_cases(cases: &mut Vec<Comparison>) -> Result<()> {
+    type Ce = fn(&Tensor, &Tensor, &[CeHead]) -> Result<MultiHeadLoss>;
+    for classes in [&[4usize, 3][..], &[4, 3, 6, 2]] {
+        for rows in [32usize, 4096] {
+            let mut rng = StdRng::seed_from_u64(1);
+            let h = classes.len();
+            let labels: Vec<i64> = (0..rows)
+                .flat_map(|_| {
+                    let own = rng.random_range(0..h);
+                    (0..h)
+                        .map(|k| {
+                            if k == own {
+                                rng.random_range(0..classes[k] as i64)
+                            } else {
+                                IGNORE_INDEX
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let labels = Tensor::from_vec(labels, (rows, h), &Device::Cpu)?;
+            let heads: Vec<CeHead> = classes.iter().map(|&c| CeHead::new(c)).collect();
+            let logits = random(&[rows, classes.iter().sum()])?;
+            let size = format!("N={rows}, {h} heads");
+            let run = |op: Ce, backward: bool| -> Run {
+                let (z, l, heads) = (logits.clone(), labels.clone(), heads.clone());
+                Box::new(move || {
+                    let input = if backward {
+                        z.as_tensor().clone()
+                    } else {
+                        z.as_tensor().detach()
+                    };
+                    let loss = op(&input, &l, &heads)?;
+                    if backward {
+                        loss.total.backward()?;
+                    }
+                    Ok(())
+                })
+            };
+            for (name, backward) in [("N-head CE forward", false), ("N-head CE fwd+bwd", true)] {
+                cases.push(compare(
+                    name,
+                    &size,
+                    "composed",
+                    "≥ 3",
+                    run(multi_head_cross_entropy, backward),
+                    run(multi_head_cross_entropy_composed, backward),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn fmt(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
     if us >= 1000.0 {
@@ -368,6 +427,7 @@ fn main() -> Result<()> {
     cosine_cases(&mut cases)?;
     top_k_cases(&mut cases)?;
     cross_entropy_cases(&mut cases)?;
+    multi_head_cases(&mut cases)?;
     println!(
         "| op | size | fused | compared with | its time | ratio (its / fused) | target | rounds |"
     );

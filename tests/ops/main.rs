@@ -10,4 +10,5 @@ mod cosine;
 mod cross_entropy;
 mod encoder_ops;
 mod mean_pool;
+mod multi_head_cross_entropy;
 mod top_k;

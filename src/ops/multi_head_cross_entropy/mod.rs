@@ -20,10 +20,26 @@
 //! The two-head op [`dual_head_cross_entropy`](crate::ops::dual_head_cross_entropy)
 //! is the special case with two separate logits tensors, unit weights and no
 //! class weights.
+//!
+//! CPU: one fused `CustomOp2` (`(logits, labels) -> [H + 1]`: the heads' losses,
+//! then the total), one pass over the rows for all heads (`cpu.rs`), labels
+//! checked in the same pass; its backward scales the `softmax − onehot` the
+//! forward kept by `(g_h + w_h·g_total) / Σcw`. Other devices: the composed
+//! candle ops of [`multi_head_cross_entropy_composed`] (no CUDA kernel of its
+//! own yet), labels checked on the host.
 
-use candle_core::{DType, Result, Tensor};
+use std::sync::{Arc, OnceLock};
 
-use super::layout::{check_rank, check_same_device};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use num_traits::ToPrimitive;
+
+use super::dtype::{
+    check_float_dtype, check_label_dtype, with_float_dtype, with_label_dtype, Accum, FloatElem,
+};
+use super::layout::{check_rank, check_same_device, View};
+
+mod cpu;
 
 const OP: &str = "multi_head_cross_entropy";
 
@@ -106,9 +122,164 @@ pub fn multi_head_cross_entropy_deferred(
     heads: &[CeHead],
 ) -> Result<(MultiHeadLoss, LabelCheck)> {
     check_inputs(logits, labels, heads)?;
-    check_labels_on_host(labels, heads)?;
-    let loss = multi_head_cross_entropy_composed(logits, labels, heads)?;
+    check_float_dtype(OP, "logits", logits.dtype())?;
+    check_label_dtype(labels.dtype())?;
+    if !logits.device().is_cpu() {
+        check_labels_on_host(labels, heads)?;
+        let loss = multi_head_cross_entropy_composed(logits, labels, heads)?;
+        return Ok((loss, LabelCheck {}));
+    }
+    let plan = Plan::new(heads, labels.dtype())?;
+    let h = plan.heads();
+    let op = FusedCrossEntropy {
+        plan: Arc::new(plan),
+        keep_grads: logits.track_op(),
+        kept: Arc::new(OnceLock::new()),
+    };
+    let out = logits.apply_op2(labels, op)?;
+    let loss = MultiHeadLoss {
+        per_head: out.narrow(0, 0, h)?,
+        total: out.get(h)?,
+    };
     Ok((loss, LabelCheck {}))
+}
+
+/// Each head's place and settings, for the fused pass.
+pub(crate) struct Plan {
+    classes: Vec<usize>,
+    /// Each head's first column in the logits.
+    columns: Vec<usize>,
+    ignore: Vec<i64>,
+    weights: Vec<f64>,
+    class_weights: Vec<Option<Vec<f64>>>,
+}
+
+impl Plan {
+    fn new(heads: &[CeHead], label_dtype: DType) -> Result<Self> {
+        let mut columns = Vec::with_capacity(heads.len());
+        let mut next = 0;
+        for head in heads {
+            columns.push(next);
+            next += head.classes;
+        }
+        Ok(Self {
+            classes: heads.iter().map(|h| h.classes).collect(),
+            columns,
+            ignore: heads
+                .iter()
+                .map(|h| ignore_of(h, label_dtype))
+                .collect::<Result<_>>()?,
+            weights: heads.iter().map(|h| h.weight).collect(),
+            class_weights: heads.iter().map(|h| h.class_weights.clone()).collect(),
+        })
+    }
+
+    fn heads(&self) -> usize {
+        self.classes.len()
+    }
+
+    fn width(&self) -> usize {
+        self.classes.iter().sum()
+    }
+}
+
+/// The error for a label that is neither a class of its head nor its ignore index.
+fn label_out_of_range(
+    head: usize,
+    row: usize,
+    value: i64,
+    classes: usize,
+    ignore: i64,
+) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{OP}: label out of range for head {head} at row {row}: {value} \
+         (expected a class in [0, {classes}) or the ignore index {ignore})"
+    ))
+}
+
+/// What the forward keeps for the backward: the unscaled gradient (in the
+/// accumulator dtype) and each head's weight sum.
+type Kept = (Tensor, Vec<f64>);
+
+/// The fused op `(logits, labels) -> [H + 1]` on the CPU.
+struct FusedCrossEntropy {
+    plan: Arc<Plan>,
+    keep_grads: bool,
+    kept: Arc<OnceLock<Kept>>,
+}
+
+impl CustomOp2 for FusedCrossEntropy {
+    fn name(&self) -> &'static str {
+        "multi-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_layout: &Layout,
+        labels: &CpuStorage,
+        labels_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let view = View::<2>::new(OP, "logits", logits_layout)?;
+        let label_view = View::<2>::new(OP, "labels", labels_layout)?;
+        let plan = &self.plan;
+        let h = plan.heads();
+        with_float_dtype!(OP, "logits", logits.dtype(), T => {
+            with_label_dtype!(labels.dtype(), L => {
+                let fwd = cpu::forward::<T, L>(plan, (logits, view), (labels, label_view), self.keep_grads)?;
+                let mut out: Vec<T> = Vec::with_capacity(h + 1);
+                let mut total = <T as FloatElem>::Acc::of(0.0);
+                for head in 0..h {
+                    let w = fwd.weight[head];
+                    let mean = if w > <T as FloatElem>::Acc::of(0.0) {
+                        fwd.loss[head] / w
+                    } else {
+                        <T as FloatElem>::Acc::of(0.0)
+                    };
+                    total += <T as FloatElem>::Acc::of(plan.weights[head]) * mean;
+                    out.push(T::from_acc(mean));
+                }
+                out.push(T::from_acc(total));
+                if let Some(grads) = fwd.grads {
+                    let weights = fwd.weight.iter().map(|w| w.to_f64().unwrap_or(0.0)).collect();
+                    let len = grads.len();
+                    let grads = Tensor::from_vec(grads, len, &candle_core::Device::Cpu)?;
+                    let _ = self.kept.set((grads, weights));
+                }
+                Ok((T::to_cpu_storage_owned(out), Shape::from_dims(&[h + 1])))
+            })
+        })
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _labels: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some((kept, weight_sums)) = self.kept.get() else {
+            candle_core::bail!("{OP}: backward without a forward that kept the gradient");
+        };
+        let plan = &self.plan;
+        let g = grad_out.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let h = plan.heads();
+        // d total / d loss_h = w_h; a head of weight sum 0 has no gradient.
+        let scales: Vec<f64> = (0..h)
+            .map(|head| match weight_sums[head] {
+                w if w > 0.0 => (g[head] + plan.weights[head] * g[h]) / w,
+                _ => 0.0,
+            })
+            .collect();
+        let (n, width) = logits.dims2()?;
+        let grads = with_float_dtype!(OP, "logits", logits.dtype(), T => {
+            let kept = kept.to_vec1::<<T as FloatElem>::Acc>()?;
+            let scales: Vec<_> = scales.iter().map(|&s| <T as FloatElem>::Acc::of(s)).collect();
+            let grads = cpu::scale_grads::<T>(plan, &kept, &scales);
+            Tensor::from_vec(grads, (n, width), logits.device())
+        })?;
+        Ok((Some(grads), None))
+    }
 }
 
 /// The label check of one [`multi_head_cross_entropy_deferred`] call.

@@ -5,3 +5,4 @@
 pub mod cosine;
 pub mod cross_entropy;
 pub mod mean_pool;
+pub mod multi_head_cross_entropy;
