@@ -6,7 +6,7 @@
 //!
 //! All classification heads run as one linear layer (their weights stacked,
 //! `[ΣC, H]`), and their losses are one fused op,
-//! [`multi_head_cross_entropy`]: the heads' logits side by side, one column of
+//! [`multi_head_cross_entropy`](crate::ops::multi_head_cross_entropy()): the heads' logits side by side, one column of
 //! labels per head, [`IGNORE_INDEX`](crate::ops::IGNORE_INDEX) where a row is
 //! not labelled for a head. The total is `Σ_t w_t · loss_t` over every task.
 //!

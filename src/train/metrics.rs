@@ -114,7 +114,7 @@ impl ConfusionMatrix {
 }
 
 /// A task's scores on one split: a classification task's [`TaskMetrics`] or a
-/// similarity task's [`StsReport`] (serialised as the one or the other).
+/// similarity task's [`StsReport`](super::sts::StsReport) (serialised as the one or the other).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TaskScores {

@@ -1,4 +1,4 @@
-//! f64 reference of [`crate::ops::multi_head_cross_entropy`], forward and
+//! f64 reference of [`crate::ops::multi_head_cross_entropy()`], forward and
 //! backward, as loops over row-major slices: `logits` is `[n, ΣC]` (head 0's
 //! columns first), `labels` is `[n, H]` as i64, and each head's ignore index is
 //! `ignore[h]`.
