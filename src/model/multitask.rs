@@ -277,7 +277,7 @@ fn task_of_param(name: &str) -> Option<&str> {
 }
 
 /// `Some(i)` for a parameter of `encoder.layer.{i}.`.
-fn layer_of(name: &str) -> Option<usize> {
+pub fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("encoder.layer.")?
         .split('.')
         .next()?

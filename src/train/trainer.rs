@@ -38,7 +38,7 @@ use crate::data::sampler::epoch_rng;
 use crate::data::{
     collate, epoch_batches, Example, ExampleRef, Split, TaskKind, TaskRows, TaskSource,
 };
-use crate::model::multitask::{MultiTaskModel, TaskHead, TaskLoss};
+use crate::model::multitask::{label_columns, layer_of, MultiTaskModel, TaskHead, TaskLoss};
 use crate::model::tokenize::Tokens;
 use crate::model::tokenize::{load_tokenizer, pad_id};
 use crate::model::{resolve_model, ModelFiles};
@@ -271,7 +271,7 @@ impl MultiTaskTrainer {
             model,
             tokenizer,
             model_files,
-            columns: model_columns(&heads),
+            columns: label_columns(&heads),
             train,
             val,
             task_losses,
@@ -931,15 +931,6 @@ fn step_on(
     Ok((loss, total, grad_norm))
 }
 
-/// `Some(i)` for a parameter of `encoder.layer.{i}.`.
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("encoder.layer.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// The folder, in the output folder, of the best epoch's model (`best_epoch`).
 pub const BEST_DIR: &str = "best";
 
@@ -966,10 +957,6 @@ fn mean_losses(steps: &[StepRecord], epoch: usize) -> Vec<Option<f64>> {
 /// The batch sizes the sampler draws from: each task's training examples.
 fn sizes(train: &[Vec<Example>]) -> Vec<usize> {
     train.iter().map(Vec::len).collect()
-}
-
-fn model_columns(heads: &[TaskHead]) -> Vec<Option<usize>> {
-    crate::model::multitask::label_columns(heads)
 }
 
 /// `emotion (4 classes), sts (similarity)`.

@@ -36,6 +36,7 @@ use num_traits::ToPrimitive;
 
 use super::dtype::{
     check_float_dtype, check_label_dtype, with_float_dtype, with_label_dtype, Accum, FloatElem,
+    Label,
 };
 use super::layout::{check_rank, check_same_device, View};
 
@@ -348,15 +349,10 @@ fn check_inputs(logits: &Tensor, labels: &Tensor, heads: &[CeHead]) -> Result<()
 
 /// The ignore index of head `head` for labels of `dtype`.
 fn ignore_of(head: &CeHead, dtype: DType) -> Result<i64> {
-    Ok(match head.ignore_index {
-        Some(i) => i,
-        None => match dtype {
-            DType::I64 | DType::I32 | DType::I16 => crate::ops::IGNORE_INDEX,
-            DType::U32 => u32::MAX as i64,
-            DType::U8 => u8::MAX as i64,
-            other => candle_core::bail!("{OP}: labels must have an integer dtype, got {other:?}"),
-        },
-    })
+    match head.ignore_index {
+        Some(i) => Ok(i),
+        None => with_label_dtype!(dtype, L => Ok(<L as Label>::IGNORE.to_i64())),
+    }
 }
 
 fn check_labels_on_host(labels: &Tensor, heads: &[CeHead]) -> Result<()> {
@@ -368,12 +364,7 @@ fn check_labels_on_host(labels: &Tensor, heads: &[CeHead]) -> Result<()> {
     for (i, row) in values.iter().enumerate() {
         for (h, (&y, head)) in row.iter().zip(heads).enumerate() {
             if y != ignore[h] && !(0..head.classes as i64).contains(&y) {
-                candle_core::bail!(
-                    "{OP}: label out of range for head {h} at row {i}: {y} \
-                     (expected a class in [0, {}) or the ignore index {})",
-                    head.classes,
-                    ignore[h]
-                );
+                return Err(label_out_of_range(h, i, y, head.classes, ignore[h]));
             }
         }
     }
