@@ -6,12 +6,14 @@ use criterion::{criterion_group, criterion_main, Criterion};
 mod cosine;
 mod cross_entropy;
 mod mean_pool;
+mod multi_head_cross_entropy;
 
 fn all(c: &mut Criterion) {
     mean_pool::benches(c);
     cosine::benches(c);
     cosine::top_k_benches(c);
     cross_entropy::benches(c);
+    multi_head_cross_entropy::benches(c);
 }
 
 criterion_group!(benches, all);

@@ -161,6 +161,15 @@ pub fn kernel_name(base: &str, dtype: DType) -> Result<String> {
     }
 }
 
+/// The kernel-name part of a label dtype (`dual_ce_fwd_<label>_<float>`), or an
+/// `Err` naming `op` for a dtype the label kernels have no instance of.
+pub fn label_tag(op: &str, dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::I64 | DType::I32 | DType::I16 | DType::U32 | DType::U8 => Ok(type_name(dtype)),
+        other => candle_core::bail!("{op}: labels must have an integer dtype, got {other:?}"),
+    }
+}
+
 /// `n` as a kernel's `int` argument, or an `Err` naming `op` and `what`.
 pub fn as_i32(op: &str, what: &str, n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| {

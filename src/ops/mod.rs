@@ -6,7 +6,7 @@
 //! | [`masked_mean_pool`] | `mean_pool/` | `kernels/mean_pool.cu` |
 //! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`], [`cosine_top_k`] | `cosine/` | `kernels/cosine.cu` |
 //! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
-//! | [`multi_head_cross_entropy()`] | `multi_head_cross_entropy/` | none yet (CUDA runs the composed ops) |
+//! | [`multi_head_cross_entropy()`] | `multi_head_cross_entropy/` | `kernels/multi_head_cross_entropy.cu` |
 //!
 //! Each op folder has the same three files: `mod.rs` (the public function, its
 //! input checks and the `CustomOp`), `cpu.rs` (the CPU path) and `cuda.rs` (the

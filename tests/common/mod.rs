@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+pub mod ce_heads;
 mod shared;
 #[allow(unused_imports)] // only the test files that read shared/ use it
 pub use shared::shared_dir;
@@ -95,6 +96,16 @@ pub fn tolerance(dtype: DType) -> (f64, f64) {
         DType::F16 => (5e-3, 1e-3),
         DType::BF16 => (1e-2, 1e-2),
         other => panic!("no tolerance for {other:?}"),
+    }
+}
+
+/// The spacing of the dtype's subnormal numbers: its absolute resolution near 0.
+pub fn subnormal_step(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 2f64.powi(-24),
+        DType::BF16 => 2f64.powi(-133),
+        DType::F32 => 2f64.powi(-149),
+        _ => 0.0,
     }
 }
 

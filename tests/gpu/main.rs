@@ -14,6 +14,8 @@ mod cosine;
 mod cross_entropy;
 #[path = "../kernels/mean_pool.rs"]
 mod mean_pool;
+#[path = "../kernels/multi_head_cross_entropy.rs"]
+mod multi_head_cross_entropy;
 #[path = "../kernels/top_k.rs"]
 mod top_k;
 

@@ -159,16 +159,6 @@ fn kernels_match_cpu_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
-/// The spacing of the dtype's subnormal numbers: its absolute resolution near 0.
-fn subnormal_step(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => 2f64.powi(-24),
-        DType::BF16 => 2f64.powi(-133),
-        DType::F32 => 2f64.powi(-149),
-        _ => 0.0,
-    }
-}
-
 /// The labelled rows of each head (labels that are not the ignore value).
 fn labelled_rows(labels: &Tensor) -> Result<[usize; 2]> {
     let ignore = match labels.dtype() {

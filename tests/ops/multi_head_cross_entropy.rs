@@ -7,9 +7,9 @@
 use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use common::ce_heads::{label_tensor, random_heads, random_labels};
 use common::{assert_close_tol, random_tensor, rng, values, FLOAT_DTYPES};
 use proptest::prelude::*;
-use rand::rngs::StdRng;
 use rand::Rng;
 use sentence_mtl::ops::multi_head_cross_entropy::{
     multi_head_cross_entropy_composed, multi_head_cross_entropy_deferred,
@@ -18,64 +18,6 @@ use sentence_mtl::ops::reference::multi_head_cross_entropy as reference;
 use sentence_mtl::ops::{dual_head_cross_entropy, multi_head_cross_entropy, CeHead, IGNORE_INDEX};
 
 const LABEL_DTYPES: [DType; 5] = [DType::I64, DType::I32, DType::I16, DType::U32, DType::U8];
-
-/// The ignore value of a label dtype (what `CeHead::ignore_index: None` means).
-fn dtype_ignore(dtype: DType) -> i64 {
-    match dtype {
-        DType::U32 => u32::MAX as i64,
-        DType::U8 => 255,
-        _ => IGNORE_INDEX,
-    }
-}
-
-/// Random labels `[n, H]`: a class of each head, or that head's ignore value.
-fn random_labels(rng: &mut StdRng, n: usize, heads: &[CeHead], ignore: &[i64], p: f64) -> Vec<i64> {
-    (0..n)
-        .flat_map(|_| {
-            heads
-                .iter()
-                .zip(ignore)
-                .map(|(h, &ig)| (h.classes, ig))
-                .collect::<Vec<_>>()
-        })
-        .map(|(c, ig)| {
-            if rng.random_bool(p) {
-                ig
-            } else {
-                rng.random_range(0..c as i64)
-            }
-        })
-        .collect()
-}
-
-fn label_tensor(labels: &[i64], cols: usize, dtype: DType) -> Result<Tensor> {
-    let n = labels.len() / cols.max(1);
-    Tensor::from_vec(labels.to_vec(), (n, cols), &Device::Cpu)?.to_dtype(dtype)
-}
-
-/// Heads of random class counts, weights, class weights and (sometimes) an
-/// ignore index of their own.
-fn random_heads(rng: &mut StdRng, h: usize, label_dtype: DType) -> (Vec<CeHead>, Vec<i64>) {
-    let heads: Vec<CeHead> = (0..h)
-        .map(|_| {
-            let classes = rng.random_range(1..9);
-            let mut head = CeHead::new(classes).with_weight(rng.random_range(0.0..2.0));
-            if rng.random_bool(0.5) {
-                head = head
-                    .with_class_weights((0..classes).map(|_| rng.random_range(0.1..3.0)).collect());
-            }
-            if rng.random_bool(0.3) {
-                head.ignore_index = Some(rng.random_range(9..100));
-            }
-            head
-        })
-        .collect();
-    let ignore = heads
-        .iter()
-        .map(|h| h.ignore_index.unwrap_or(dtype_ignore(label_dtype)))
-        .collect();
-    (heads, ignore)
-}
 
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {

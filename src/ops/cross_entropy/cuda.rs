@@ -7,7 +7,7 @@
 use candle_core::{DType, Result};
 
 use super::{label_out_of_range, Dims, OP};
-use crate::ops::launch::{self, kernel_name, Alloc, Buffer, Executor, Launch};
+use crate::ops::launch::{self, kernel_name, label_tag, Alloc, Buffer, Executor, Launch};
 use crate::ops::layout::View;
 
 const MODULE: &str = "cross_entropy";
@@ -21,18 +21,6 @@ const NO_BAD_LABEL: i64 = i64::MAX;
 
 fn grid_for(rows: usize, max_blocks: usize) -> u32 {
     rows.div_ceil(BLOCK as usize).clamp(1, max_blocks) as u32
-}
-
-/// The kernel-name part of a label dtype (`dual_ce_fwd_<label>_<float>`).
-fn label_tag(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::I64 => "i64",
-        DType::I32 => "i32",
-        DType::I16 => "i16",
-        DType::U32 => "u32",
-        DType::U8 => "u8",
-        other => candle_core::bail!("{OP}: labels must have an integer dtype, got {other:?}"),
-    })
 }
 
 /// The arguments both kernels start with, inputs 0-2 being (logits_a,
@@ -88,7 +76,10 @@ fn forward_plan(
     ];
     let fwd = Launch::new(
         MODULE,
-        kernel_name(&format!("dual_ce_fwd_{}", label_tag(label_dtype)?), dtype)?,
+        kernel_name(
+            &format!("dual_ce_fwd_{}", label_tag(OP, label_dtype)?),
+            dtype,
+        )?,
         (grid, 1, 1),
         (BLOCK, 1, 1),
     );
@@ -185,7 +176,7 @@ pub(super) fn backward<E: Executor>(
         let bwd = Launch::new(
             MODULE,
             kernel_name(
-                &format!("dual_ce_bwd_{}", label_tag(E::dtype(labels.0))?),
+                &format!("dual_ce_bwd_{}", label_tag(OP, E::dtype(labels.0))?),
                 dtype,
             )?,
             (grid_for(dims.n, usize::MAX >> 1), 1, 1),

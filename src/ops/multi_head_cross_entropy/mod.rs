@@ -21,17 +21,23 @@
 //! is the special case with two separate logits tensors, unit weights and no
 //! class weights.
 //!
-//! CPU: one fused `CustomOp2` (`(logits, labels) -> [H + 1]`: the heads' losses,
-//! then the total), one pass over the rows for all heads (`cpu.rs`), labels
-//! checked in the same pass; its backward scales the `softmax − onehot` the
-//! forward kept by `(g_h + w_h·g_total) / Σcw`. Other devices: the composed
-//! candle ops of [`multi_head_cross_entropy_composed`] (no CUDA kernel of its
-//! own yet), labels checked on the host.
+//! One fused `CustomOp3` (`(logits, labels, head table) -> [H + 1]`: the heads'
+//! losses, then the total). CPU: one pass over the rows for all heads
+//! (`cpu.rs`), labels checked in the same pass; its backward scales the
+//! `softmax − onehot` the forward kept by `(g_h + w_h·g_total) / Σcw`. CUDA:
+//! `kernels/multi_head_cross_entropy.cu`, launch plans in `cuda.rs`: one
+//! forward launch for all heads (two past one block of rows), one backward
+//! launch; the heads' settings travel as a small table of words ([`Plan::table`]).
+//! The forward checks every label on the device and leaves the heads' weight
+//! sums and a status record there: [`multi_head_cross_entropy`] reads the
+//! status back (one synchronisation) so that a bad label is an `Err`, and
+//! [`multi_head_cross_entropy_deferred`] leaves that read to the caller's next
+//! synchronisation, as the trainer does.
 
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::ToPrimitive;
 
 use super::dtype::{
@@ -41,6 +47,8 @@ use super::dtype::{
 use super::layout::{check_rank, check_same_device, View};
 
 mod cpu;
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+mod cuda;
 
 const OP: &str = "multi_head_cross_entropy";
 
@@ -116,7 +124,10 @@ pub fn multi_head_cross_entropy(
 }
 
 /// [`multi_head_cross_entropy`] without waiting for the label check on a GPU:
-/// verify the returned [`LabelCheck`] once the step synchronises anyway.
+/// the losses, and the [`LabelCheck`] to [verify](LabelCheck::verify) once the
+/// step synchronises anyway (when its loss is read back). Until then an
+/// out-of-range label shows only as NaN losses. On the CPU the labels are
+/// checked before this returns (an `Err`), as by [`multi_head_cross_entropy`].
 pub fn multi_head_cross_entropy_deferred(
     logits: &Tensor,
     labels: &Tensor,
@@ -125,24 +136,22 @@ pub fn multi_head_cross_entropy_deferred(
     check_inputs(logits, labels, heads)?;
     check_float_dtype(OP, "logits", logits.dtype())?;
     check_label_dtype(labels.dtype())?;
-    if !logits.device().is_cpu() {
-        check_labels_on_host(labels, heads)?;
-        let loss = multi_head_cross_entropy_composed(logits, labels, heads)?;
-        return Ok((loss, LabelCheck {}));
-    }
-    let plan = Plan::new(heads, labels.dtype())?;
+    let plan = Arc::new(Plan::new(heads, labels.dtype())?);
+    let table = plan.table();
+    let table = Tensor::from_vec(table.clone(), table.len(), logits.device())?;
     let h = plan.heads();
+    let state = Arc::new(ForwardState::default());
     let op = FusedCrossEntropy {
-        plan: Arc::new(plan),
+        plan: plan.clone(),
         keep_grads: logits.track_op(),
-        kept: Arc::new(OnceLock::new()),
+        state: state.clone(),
     };
-    let out = logits.apply_op2(labels, op)?;
+    let out = logits.apply_op3(labels, &table, op)?;
     let loss = MultiHeadLoss {
         per_head: out.narrow(0, 0, h)?,
         total: out.get(h)?,
     };
-    Ok((loss, LabelCheck {}))
+    Ok((loss, LabelCheck { state, plan }))
 }
 
 /// Each head's place and settings, for the fused pass.
@@ -182,7 +191,39 @@ impl Plan {
     fn width(&self) -> usize {
         self.classes.iter().sum()
     }
+
+    /// The heads' settings as the kernels read them (i64 words): per head its
+    /// first column, class count, ignore index, weight (f64 bits) and where its
+    /// class weights start in the table (-1 for none); then the class weights
+    /// (f64 bits).
+    fn table(&self) -> Vec<i64> {
+        let h = self.heads();
+        let mut words = Vec::with_capacity(h * TABLE_HEAD_WORDS + self.width());
+        let mut class_weights = Vec::new();
+        for head in 0..h {
+            let cw_start = match &self.class_weights[head] {
+                Some(w) => {
+                    let start = h * TABLE_HEAD_WORDS + class_weights.len();
+                    class_weights.extend(w.iter().map(|v| v.to_bits() as i64));
+                    start as i64
+                }
+                None => -1,
+            };
+            words.extend([
+                self.columns[head] as i64,
+                self.classes[head] as i64,
+                self.ignore[head],
+                self.weights[head].to_bits() as i64,
+                cw_start,
+            ]);
+        }
+        words.extend(class_weights);
+        words
+    }
 }
+
+/// Words per head in [`Plan::table`] (the kernels' MHCE_HEAD_WORDS).
+const TABLE_HEAD_WORDS: usize = 5;
 
 /// The error for a label that is neither a class of its head nor its ignore index.
 fn label_out_of_range(
@@ -198,18 +239,53 @@ fn label_out_of_range(
     ))
 }
 
-/// What the forward keeps for the backward: the unscaled gradient (in the
+/// What the CPU forward keeps for the backward: the unscaled gradient (in the
 /// accumulator dtype) and each head's weight sum.
 type Kept = (Tensor, Vec<f64>);
 
-/// The fused op `(logits, labels) -> [H + 1]` on the CPU.
+/// What the forward leaves for the backward and for [`LabelCheck`].
+#[derive(Default)]
+struct ForwardState {
+    /// CPU path (with a gradient wanted): the kept gradient and weight sums.
+    kept: OnceLock<Kept>,
+    /// Kernel path: the weight sums and the status record, on the device.
+    #[cfg(any(feature = "cuda", feature = "host-kernels"))]
+    device: OnceLock<KernelState>,
+}
+
+/// The kernels' results that stay where they were computed.
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+enum KernelState {
+    #[cfg(feature = "cuda")]
+    Cuda {
+        weight_sums: candle_core::CudaStorage,
+        status: candle_core::CudaStorage,
+    },
+    #[cfg(feature = "host-kernels")]
+    Host {
+        weight_sums: super::host::HostBuffer,
+        status: super::host::HostBuffer,
+    },
+}
+
+/// The fused op `(logits, labels, head table) -> [H + 1]`.
 struct FusedCrossEntropy {
     plan: Arc<Plan>,
     keep_grads: bool,
-    kept: Arc<OnceLock<Kept>>,
+    state: Arc<ForwardState>,
 }
 
-impl CustomOp2 for FusedCrossEntropy {
+/// The kernels' view of the problem.
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+fn problem(plan: &Plan, logits: &View<2>) -> cuda::Problem {
+    cuda::Problem {
+        n: logits.dims[0],
+        heads: plan.heads(),
+        width: plan.width(),
+    }
+}
+
+impl CustomOp3 for FusedCrossEntropy {
     fn name(&self) -> &'static str {
         "multi-head-cross-entropy"
     }
@@ -220,11 +296,31 @@ impl CustomOp2 for FusedCrossEntropy {
         logits_layout: &Layout,
         labels: &CpuStorage,
         labels_layout: &Layout,
+        _table: &CpuStorage,
+        _table_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let view = View::<2>::new(OP, "logits", logits_layout)?;
         let label_view = View::<2>::new(OP, "labels", labels_layout)?;
         let plan = &self.plan;
         let h = plan.heads();
+        #[cfg(feature = "host-kernels")]
+        if super::host::enabled() {
+            use super::host::{HostBuffer, HostExecutor};
+            let [logits, labels, table] = [logits, labels, _table].map(HostBuffer::upload);
+            let out = cuda::forward(
+                &HostExecutor,
+                problem(plan, &view),
+                (&logits?, view),
+                (&labels?, label_view),
+                &table?,
+            )?;
+            let losses = out.losses.download()?;
+            let _ = self.state.device.set(KernelState::Host {
+                weight_sums: out.weight_sums,
+                status: out.status,
+            });
+            return Ok((losses, Shape::from_dims(&[h + 1])));
+        }
         with_float_dtype!(OP, "logits", logits.dtype(), T => {
             with_label_dtype!(labels.dtype(), L => {
                 let fwd = cpu::forward::<T, L>(plan, (logits, view), (labels, label_view), self.keep_grads)?;
@@ -245,24 +341,60 @@ impl CustomOp2 for FusedCrossEntropy {
                     let weights = fwd.weight.iter().map(|w| w.to_f64().unwrap_or(0.0)).collect();
                     let len = grads.len();
                     let grads = Tensor::from_vec(grads, len, &candle_core::Device::Cpu)?;
-                    let _ = self.kept.set((grads, weights));
+                    let _ = self.state.kept.set((grads, weights));
                 }
                 Ok((T::to_cpu_storage_owned(out), Shape::from_dims(&[h + 1])))
             })
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        logits: &candle_core::CudaStorage,
+        logits_layout: &Layout,
+        labels: &candle_core::CudaStorage,
+        labels_layout: &Layout,
+        table: &candle_core::CudaStorage,
+        _table_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let view = View::<2>::new(OP, "logits", logits_layout)?;
+        let label_view = View::<2>::new(OP, "labels", labels_layout)?;
+        let exec = super::cuda::CudaExecutor::new(logits.device());
+        let out = cuda::forward(
+            &exec,
+            problem(&self.plan, &view),
+            (logits, view),
+            (labels, label_view),
+            table,
+        )?;
+        let _ = self.state.device.set(KernelState::Cuda {
+            weight_sums: out.weight_sums,
+            status: out.status,
+        });
+        Ok((out.losses, Shape::from_dims(&[self.plan.heads() + 1])))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
-        _labels: &Tensor,
+        labels: &Tensor,
+        table: &Tensor,
         _out: &Tensor,
         grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some((kept, weight_sums)) = self.kept.get() else {
-            candle_core::bail!("{OP}: backward without a forward that kept the gradient");
-        };
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let plan = &self.plan;
+        let (n, width) = logits.dims2()?;
+        let Some((kept, weight_sums)) = self.state.kept.get() else {
+            // The kernel path: the backward kernel, on the forward's weight sums.
+            let backward = FusedCrossEntropyBackward {
+                plan: plan.clone(),
+                state: self.state.clone(),
+                grad_losses: grad_out.contiguous()?,
+            };
+            let grads = logits.apply_op3(labels, table, backward)?;
+            return Ok((Some(grads.reshape((n, width))?), None, None));
+        };
         let g = grad_out.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let h = plan.heads();
         // d total / d loss_h = w_h; a head of weight sum 0 has no gradient.
@@ -272,23 +404,131 @@ impl CustomOp2 for FusedCrossEntropy {
                 _ => 0.0,
             })
             .collect();
-        let (n, width) = logits.dims2()?;
         let grads = with_float_dtype!(OP, "logits", logits.dtype(), T => {
             let kept = kept.to_vec1::<<T as FloatElem>::Acc>()?;
             let scales: Vec<_> = scales.iter().map(|&s| <T as FloatElem>::Acc::of(s)).collect();
             let grads = cpu::scale_grads::<T>(plan, &kept, &scales);
             Tensor::from_vec(grads, (n, width), logits.device())
         })?;
-        Ok((Some(grads), None))
+        Ok((Some(grads), None, None))
+    }
+}
+
+/// The kernel path's backward: `(logits, labels, head table) -> [N·ΣC]`, every
+/// head's gradient from the forward's weight sums (left on the device) and the
+/// incoming gradient `[H + 1]`, which rides in the struct (contiguous).
+struct FusedCrossEntropyBackward {
+    plan: Arc<Plan>,
+    state: Arc<ForwardState>,
+    grad_losses: Tensor,
+}
+
+impl CustomOp3 for FusedCrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "multi-head-cross-entropy-backward"
+    }
+
+    #[cfg_attr(not(feature = "host-kernels"), allow(unused_variables))]
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_layout: &Layout,
+        labels: &CpuStorage,
+        labels_layout: &Layout,
+        table: &CpuStorage,
+        _table_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(feature = "host-kernels")]
+        if let Some(KernelState::Host { weight_sums, .. }) = self.state.device.get() {
+            let view = View::<2>::new(OP, "logits", logits_layout)?;
+            let label_view = View::<2>::new(OP, "labels", labels_layout)?;
+            let problem = problem(&self.plan, &view);
+            let (g, g_layout) = self.grad_losses.storage_and_layout();
+            let candle_core::Storage::Cpu(g) = &*g else {
+                candle_core::bail!("{OP}: the loss gradient is not on the CPU");
+            };
+            let grads = super::host::on_host([logits, labels, table, g], |exec, [l, y, t, g]| {
+                let grad = (g, g_layout.start_offset());
+                cuda::backward(
+                    exec,
+                    problem,
+                    (l, view),
+                    (y, label_view),
+                    t,
+                    grad,
+                    weight_sums,
+                )
+            })?;
+            return Ok((grads, Shape::from_dims(&[problem.n * problem.width])));
+        }
+        candle_core::bail!("{OP}: kernel backward without a kernel forward")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        logits: &candle_core::CudaStorage,
+        logits_layout: &Layout,
+        labels: &candle_core::CudaStorage,
+        labels_layout: &Layout,
+        table: &candle_core::CudaStorage,
+        _table_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let Some(KernelState::Cuda { weight_sums, .. }) = self.state.device.get() else {
+            candle_core::bail!("{OP}: CUDA backward without a CUDA forward");
+        };
+        let view = View::<2>::new(OP, "logits", logits_layout)?;
+        let label_view = View::<2>::new(OP, "labels", labels_layout)?;
+        let problem = problem(&self.plan, &view);
+        let (g, g_layout) = self.grad_losses.storage_and_layout();
+        let candle_core::Storage::Cuda(g) = &*g else {
+            candle_core::bail!("{OP}: the loss gradient is not on the CUDA device");
+        };
+        let exec = super::cuda::CudaExecutor::new(logits.device());
+        let grad = (g, g_layout.start_offset());
+        let grads = cuda::backward(
+            &exec,
+            problem,
+            (logits, view),
+            (labels, label_view),
+            table,
+            grad,
+            weight_sums,
+        )?;
+        Ok((grads, Shape::from_dims(&[problem.n * problem.width])))
     }
 }
 
 /// The label check of one [`multi_head_cross_entropy_deferred`] call.
-pub struct LabelCheck {}
+pub struct LabelCheck {
+    #[cfg_attr(not(any(feature = "cuda", feature = "host-kernels")), allow(dead_code))]
+    state: Arc<ForwardState>,
+    #[cfg_attr(not(any(feature = "cuda", feature = "host-kernels")), allow(dead_code))]
+    plan: Arc<Plan>,
+}
 
 impl LabelCheck {
-    /// `Err` naming the first out-of-range label (head, row, value), if any.
+    /// `Err` naming the first out-of-range label (head, row, value), if the
+    /// forward found one. On a GPU this reads 16 bytes back: a synchronisation.
     pub fn verify(&self) -> Result<()> {
+        #[cfg(any(feature = "cuda", feature = "host-kernels"))]
+        {
+            let error = match self.state.device.get() {
+                None => None,
+                #[cfg(feature = "cuda")]
+                Some(KernelState::Cuda { status, .. }) => {
+                    let exec = super::cuda::CudaExecutor::new(status.device());
+                    cuda::label_error(&exec, status, &self.plan)?
+                }
+                #[cfg(feature = "host-kernels")]
+                Some(KernelState::Host { status, .. }) => {
+                    cuda::label_error(&super::host::HostExecutor, status, &self.plan)?
+                }
+            };
+            if let Some(error) = error {
+                return Err(error);
+            }
+        }
         Ok(())
     }
 }
@@ -353,22 +593,6 @@ fn ignore_of(head: &CeHead, dtype: DType) -> Result<i64> {
         Some(i) => Ok(i),
         None => with_label_dtype!(dtype, L => Ok(<L as Label>::IGNORE.to_i64())),
     }
-}
-
-fn check_labels_on_host(labels: &Tensor, heads: &[CeHead]) -> Result<()> {
-    let ignore: Vec<i64> = heads
-        .iter()
-        .map(|h| ignore_of(h, labels.dtype()))
-        .collect::<Result<_>>()?;
-    let values = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-    for (i, row) in values.iter().enumerate() {
-        for (h, (&y, head)) in row.iter().zip(heads).enumerate() {
-            if y != ignore[h] && !(0..head.classes as i64).contains(&y) {
-                return Err(label_out_of_range(h, i, y, head.classes, ignore[h]));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The same losses composed from candle's tensor ops (log-softmax, gather,
