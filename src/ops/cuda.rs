@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaView, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaView, DevicePtr, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{DType, Result};
@@ -202,5 +202,21 @@ impl Executor for CudaExecutor<'_> {
             CudaStorageSlice::I64(s) => self.dev.clone_dtoh(s),
             _ => candle_core::bail!("CUDA kernels: read_i64 of a non-i64 buffer"),
         }
+    }
+
+    fn address(&self, storage: &CudaStorage, offset: usize) -> Result<u64> {
+        let bytes = bytes_of(storage)?;
+        let byte = offset * storage.dtype().size_in_bytes();
+        if byte > bytes.len() {
+            candle_core::bail!(
+                "CUDA kernels: an address {offset} elements into a buffer of {}",
+                bytes.len() / storage.dtype().size_in_bytes()
+            );
+        }
+        let stream = self.dev.cuda_stream();
+        // The stream waits for the buffer's pending writes (where cudarc tracks
+        // them); the kernels run on this same stream.
+        let (ptr, _sync) = bytes.device_ptr(&stream);
+        Ok(ptr + byte as u64)
     }
 }

@@ -128,6 +128,15 @@ impl HostBuffer {
         Ok(buffer)
     }
 
+    /// A copy of a CPU storage that kernels may update in place (reached
+    /// through an address table, see [`Executor::address`]): unlike an
+    /// [`upload`](Self::upload)ed input, writes into it are not an error.
+    pub fn upload_writable(storage: &CpuStorage) -> Result<Self> {
+        let mut buffer = Self::upload(storage)?;
+        buffer.input_hash = None;
+        Ok(buffer)
+    }
+
     /// The buffer's elements as a CPU storage.
     pub fn download(&self) -> Result<CpuStorage> {
         fn vec<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
@@ -296,6 +305,10 @@ impl Executor for HostExecutor {
             CpuStorage::I64(v) => Ok(v),
             other => candle_core::bail!("host kernels: read_i64 of a {:?} buffer", other.dtype()),
         }
+    }
+
+    fn address(&self, storage: &HostBuffer, offset: usize) -> Result<u64> {
+        Ok(storage.address(offset)? as u64)
     }
 }
 

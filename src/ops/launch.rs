@@ -202,6 +202,12 @@ pub trait Executor {
 
     /// Copies an i64 buffer to the host (a synchronisation on a GPU).
     fn read_i64(&self, storage: &Self::Storage) -> Result<Vec<i64>>;
+
+    /// The address of element `offset` of `storage` as the kernels see it: for
+    /// kernels that reach many buffers through a table of addresses (a
+    /// multi-tensor launch) rather than through arguments. Neither executor
+    /// checks what a kernel writes through such an address.
+    fn address(&self, storage: &Self::Storage, offset: usize) -> Result<u64>;
 }
 
 /// The storage `buffer` names, among a launch's `inputs` and `outputs`.

@@ -6,6 +6,7 @@
 //! | [`masked_mean_pool`] | `mean_pool/` | `kernels/mean_pool.cu` |
 //! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`], [`cosine_top_k`] | `cosine/` | `kernels/cosine.cu` |
 //! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
+//! | [`multi_tensor_adamw`] (the optimiser step, in place, one launch for all tensors) | `adamw/` | `kernels/adamw.cu` |
 //! | [`multi_head_cross_entropy()`] | `multi_head_cross_entropy/` | `kernels/multi_head_cross_entropy.cu` |
 //!
 //! Each op folder has the same three files: `mod.rs` (the public function, its
@@ -25,6 +26,7 @@
 //! strided and offset inputs, and returns an `Err` naming the problem for bad input.
 //! [`mod@reference`] holds a plain f64 implementation of each, forward and backward.
 
+pub mod adamw;
 pub mod attention;
 pub mod bias;
 mod buffer;
@@ -49,6 +51,7 @@ pub mod host;
 #[cfg(any(feature = "cuda", feature = "host-kernels"))]
 pub mod launch;
 
+pub use adamw::multi_tensor_adamw;
 pub use attention::attention;
 pub use bias::{add_bias, sum_rows};
 pub use cosine::{cosine_similarity, cosine_similarity_matrix, cosine_top_k, l2_normalize, TopK};

@@ -5,7 +5,11 @@
 //! be resumed with its optimiser state. This one has named groups (each with its
 //! own learning rate and weight decay), exposes its state for checkpoints, and
 //! updates f32 CPU parameters in one fused, parallel pass in place (parameter,
-//! both moments, gradient scale); other devices and dtypes use candle tensor ops.
+//! both moments, gradient scale). On a CUDA device every parameter is updated
+//! by one kernel launch per step ([`crate::ops::multi_tensor_adamw`]), in
+//! place, with f32 moments and, for f16/bf16 parameters, f32 master weights
+//! (mixed-precision training: the bf16 weights are the f32 masters rounded).
+//! Other CPU dtypes and layouts use candle tensor ops.
 //!
 //! Per parameter, at its step `t` (counted only when it has a gradient):
 //! `p *= 1 - lr·wd; m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
@@ -20,6 +24,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::ops::adamw::{self, AdamWConsts, AdamWTensor};
+use crate::ops::multi_tensor_adamw;
 
 /// The hyper-parameters shared by all groups (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -73,17 +80,37 @@ struct ParamState {
     moments: Moments,
 }
 
-/// First and second moments: host vectors for the fused f32 CPU path, tensors
-/// for everything else.
+/// First and second moments: host vectors for the fused f32 CPU path; tensors
+/// in the accumulation dtype (and f32 master weights for f16/bf16) for the
+/// kernel path; tensors of the parameter's dtype for everything else.
 #[derive(Debug)]
 enum Moments {
-    Host { m: Vec<f32>, v: Vec<f32> },
-    Tensor { m: Tensor, v: Tensor },
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+    },
+    Kernel {
+        m: Tensor,
+        v: Tensor,
+        master: Option<Tensor>,
+    },
+    Tensor {
+        m: Tensor,
+        v: Tensor,
+    },
 }
 
 impl Moments {
     fn zeros(var: &Var) -> Result<Self> {
-        if fused_path(var) {
+        if kernel_path(var) {
+            let state = adamw::state_dtype(var.dtype());
+            let m = Tensor::zeros(var.shape(), state, var.device())?;
+            Ok(Self::Kernel {
+                v: m.zeros_like()?,
+                m,
+                master: master_weights(var)?,
+            })
+        } else if fused_path(var) {
             let n = var.elem_count();
             Ok(Self::Host {
                 m: vec![0.0; n],
@@ -100,6 +127,30 @@ impl Moments {
 
 fn fused_path(var: &Var) -> bool {
     var.device().is_cpu() && var.dtype() == DType::F32 && var.is_contiguous()
+}
+
+/// Parameters the AdamW kernel updates: contiguous ones on a CUDA device (and
+/// on the CPU inside the host kernel harness, which runs the same kernel).
+fn kernel_path(var: &Var) -> bool {
+    var.is_contiguous() && (var.device().is_cuda() || on_host_harness(var))
+}
+
+#[cfg(feature = "host-kernels")]
+fn on_host_harness(var: &Var) -> bool {
+    var.device().is_cpu() && crate::ops::host::enabled()
+}
+
+#[cfg(not(feature = "host-kernels"))]
+fn on_host_harness(_var: &Var) -> bool {
+    false
+}
+
+/// f32 master weights for an f16/bf16 parameter on the kernel path.
+fn master_weights(var: &Var) -> Result<Option<Tensor>> {
+    match var.dtype() {
+        DType::F16 | DType::BF16 => Ok(Some(var.as_tensor().to_dtype(DType::F32)?)),
+        _ => Ok(None),
+    }
 }
 
 /// A group's learning rate and the step count for one update.
@@ -200,13 +251,25 @@ impl AdamW {
     }
 
     /// The L2 norm of all the optimiser's gradients together (as
-    /// `torch.nn.utils.clip_grad_norm_` measures it), accumulated in f64.
+    /// `torch.nn.utils.clip_grad_norm_` measures it), accumulated in f64. On a
+    /// GPU the per-tensor sums stay on the device and are read back once.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sum_sq = 0f64;
+        let mut on_device: Option<Tensor> = None;
         for (_, var) in self.vars() {
-            if let Some(g) = grads.get(var) {
+            let Some(g) = grads.get(var) else { continue };
+            if g.device().is_cpu() {
                 sum_sq += sum_of_squares(g)?;
+            } else {
+                let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+                on_device = Some(match on_device {
+                    Some(total) => (total + s)?,
+                    None => s,
+                });
             }
+        }
+        if let Some(total) = on_device {
+            sum_sq += total.to_scalar::<f64>()?;
         }
         Ok(sum_sq.sqrt())
     }
@@ -241,14 +304,45 @@ impl AdamW {
                         p.var.as_tensor().inplace_op2(&grad.contiguous()?, &op)?;
                     }
                     Moments::Tensor { m, v } => tensor_step(&p.var, m, v, grad, &coefs)?,
+                    Moments::Kernel { .. } => {} // all together, below
                 }
             }
         }
-        Ok(())
+        // Every kernel-path parameter with a gradient: one launch per dtype.
+        let updates: Vec<AdamWTensor<'_>> = self
+            .groups
+            .iter()
+            .flat_map(|group| {
+                group.params.iter().filter_map(move |p| {
+                    let Moments::Kernel { m, v, master } = &p.moments else {
+                        return None;
+                    };
+                    Some(AdamWTensor {
+                        param: p.var.as_tensor(),
+                        grad: grads.get(&p.var)?,
+                        m,
+                        v,
+                        master: master.as_ref(),
+                        lr: group.lr * lr_factor,
+                        weight_decay: group.weight_decay,
+                        step: p.steps,
+                    })
+                })
+            })
+            .collect();
+        let consts = AdamWConsts {
+            beta1,
+            beta2,
+            eps,
+            grad_scale,
+        };
+        multi_tensor_adamw(&updates, &consts)
     }
 
     /// The state as named CPU tensors: `{param}.exp_avg` and `{param}.exp_avg_sq`
-    /// (PyTorch's names) and `{param}.step`, a one-element f64 (exact up to 2^53).
+    /// (PyTorch's names), `{param}.step`, a one-element f64 (exact up to 2^53),
+    /// and `{param}.master`, the f32 master weights of an f16/bf16 parameter
+    /// on the kernel path.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in self.groups.iter().flat_map(|g| &g.params) {
@@ -260,9 +354,25 @@ impl AdamW {
                 Moments::Tensor { m, v } => {
                     (m.to_device(&Device::Cpu)?, v.to_device(&Device::Cpu)?)
                 }
+                // Copies: the kernel updates these in place, and on the CPU
+                // (the host harness) `to_device` would share their storage.
+                Moments::Kernel { m, v, .. } => (
+                    m.to_device(&Device::Cpu)?.copy()?,
+                    v.to_device(&Device::Cpu)?.copy()?,
+                ),
             };
             out.insert(format!("{}.exp_avg", p.name), m);
             out.insert(format!("{}.exp_avg_sq", p.name), v);
+            if let Moments::Kernel {
+                master: Some(master),
+                ..
+            } = &p.moments
+            {
+                out.insert(
+                    format!("{}.master", p.name),
+                    master.to_device(&Device::Cpu)?.copy()?,
+                );
+            }
             out.insert(
                 format!("{}.step", p.name),
                 Tensor::new(&[p.steps as f64], &Device::Cpu)?,
@@ -310,6 +420,28 @@ impl AdamW {
                     Moments::Tensor {
                         m: m.to_dtype(dtype)?.to_device(device)?,
                         v: v.to_dtype(dtype)?.to_device(device)?,
+                    }
+                }
+                // Saved master weights, else the parameter's own values; each
+                // a copy of its own (the kernel updates them in place).
+                Moments::Kernel { .. } => {
+                    let (dtype, device) = (adamw::state_dtype(p.var.dtype()), p.var.device());
+                    let master = match (
+                        master_weights(&p.var)?,
+                        tensors.get(&format!("{}.master", p.name)),
+                    ) {
+                        (Some(_), Some(saved)) if saved.shape() == p.var.shape() => Some(
+                            saved
+                                .to_dtype(DType::F32)?
+                                .to_device(device)?
+                                .contiguous()?,
+                        ),
+                        (derived, _) => derived,
+                    };
+                    Moments::Kernel {
+                        m: m.to_dtype(dtype)?.to_device(device)?.copy()?,
+                        v: v.to_dtype(dtype)?.to_device(device)?.copy()?,
+                        master,
                     }
                 }
             };

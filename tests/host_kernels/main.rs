@@ -6,6 +6,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+#[path = "../kernels/adamw.rs"]
+mod adamw;
 #[path = "../kernels/cosine.rs"]
 mod cosine;
 #[path = "../kernels/cross_entropy.rs"]

@@ -27,7 +27,7 @@
 //! `softmax − onehot` the forward kept by `(g_h + w_h·g_total) / Σcw`. CUDA:
 //! `kernels/multi_head_cross_entropy.cu`, launch plans in `cuda.rs`: one
 //! forward launch for all heads (two past one block of rows), one backward
-//! launch; the heads' settings travel as a small table of words ([`Plan::table`]).
+//! launch; the heads' settings travel as a small table of words (`Plan::table`).
 //! The forward checks every label on the device and leaves the heads' weight
 //! sums and a status record there: [`multi_head_cross_entropy`] reads the
 //! status back (one synchronisation) so that a bad label is an `Err`, and
