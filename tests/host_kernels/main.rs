@@ -6,6 +6,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+#[path = "../kernels/attention.rs"]
+mod attention;
 #[path = "../kernels/cosine.rs"]
 mod cosine;
 #[path = "../kernels/cross_entropy.rs"]
