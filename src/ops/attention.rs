@@ -227,7 +227,10 @@ impl SeededDropout {
     /// The 32-bit draw below which a weight is dropped (0: none is).
     fn threshold(&self) -> Result<u32> {
         if !(0.0..1.0).contains(&self.p) {
-            bail!("{OP}: dropout probability must be in [0, 1), got {}", self.p);
+            bail!(
+                "{OP}: dropout probability must be in [0, 1), got {}",
+                self.p
+            );
         }
         Ok((f64::from(self.p) * 4_294_967_296.0)
             .round()
@@ -263,7 +266,13 @@ fn head_key(seed: u64, head: usize) -> u64 {
 /// kernels apply. `Err` for a probability outside `[0, 1)`.
 pub fn dropout_multiplier(dropout: SeededDropout, head: usize, i: usize, j: usize) -> Result<f32> {
     let threshold = dropout.threshold()?;
-    Ok(multiplier(head_key(dropout.seed, head), threshold, dropout.scale(threshold), i, j))
+    Ok(multiplier(
+        head_key(dropout.seed, head),
+        threshold,
+        dropout.scale(threshold),
+        i,
+        j,
+    ))
 }
 
 #[inline]

@@ -205,7 +205,10 @@ fn kernel_dropout_matches_cpu_with_the_same_mask() -> Result<()> {
     let Some(target) = crate::kernel_target("kernel_dropout_matches_cpu_with_the_same_mask") else {
         return Ok(());
     };
-    for (i, dtype) in [DType::F32, DType::BF16, DType::F64].into_iter().enumerate() {
+    for (i, dtype) in [DType::F32, DType::BF16, DType::F64]
+        .into_iter()
+        .enumerate()
+    {
         let mut case = Case::new(&[5, 40, 17], 3, 32, dtype);
         case.dropout = Some(SeededDropout {
             p: 0.25,
@@ -243,7 +246,11 @@ fn kernel_dropout_repeats_for_a_seed() -> Result<()> {
     );
     assert_ne!(first.0, no_dropout.0, "dropout changed nothing");
     case.dropout = Some(SeededDropout { p: 0.0, seed: 3 });
-    assert_eq!(case.kernels(&target, &inputs)?, no_dropout, "p = 0 is not a no-op");
+    assert_eq!(
+        case.kernels(&target, &inputs)?,
+        no_dropout,
+        "p = 0 is not a no-op"
+    );
     Ok(())
 }
 

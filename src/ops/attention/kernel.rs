@@ -186,7 +186,10 @@ impl CustomOp3 for KernelAttentionBackward {
         #[cfg(feature = "host-kernels")]
         {
             let p = self.0.problem(s.dtype(), l)?;
-            let (out_at, dout_at) = (contiguous_offset("out", ol)?, contiguous_offset("dout", gl)?);
+            let (out_at, dout_at) = (
+                contiguous_offset("out", ol)?,
+                contiguous_offset("dout", gl)?,
+            );
             let (offsets, _) = self.0.offsets.storage_and_layout();
             let candle_core::Storage::Cpu(offsets) = &*offsets else {
                 bail!("{OP}: the sentence offsets are not on the CPU with qkv");
@@ -228,7 +231,10 @@ impl CustomOp3 for KernelAttentionBackward {
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let p = self.0.problem(s.dtype(), l)?;
-        let (out_at, dout_at) = (contiguous_offset("out", ol)?, contiguous_offset("dout", gl)?);
+        let (out_at, dout_at) = (
+            contiguous_offset("out", ol)?,
+            contiguous_offset("dout", gl)?,
+        );
         let (offsets, _) = self.0.offsets.storage_and_layout();
         let candle_core::Storage::Cuda(offsets) = &*offsets else {
             bail!("{OP}: the sentence offsets are not on the CUDA device with qkv");
