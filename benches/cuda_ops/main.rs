@@ -4,6 +4,7 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 
 mod adamw;
+mod attention;
 mod cosine;
 mod cross_entropy;
 mod mean_pool;
@@ -14,6 +15,7 @@ fn all(c: &mut Criterion) {
     cosine::benches(c);
     cosine::top_k_benches(c);
     cross_entropy::benches(c);
+    attention::benches(c);
     adamw::benches(c);
     multi_head_cross_entropy::benches(c);
 }

@@ -9,7 +9,7 @@ use super::config::{BertConfig, HiddenAct};
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{embedding, Embedding, Module, VarBuilder};
 
-use crate::ops::attention::attention_packed;
+use crate::ops::attention::{attention_packed, attention_packed_seeded, packed_kernel_supports};
 
 use super::layers::{softmax_last_dim, Dense, Dropout, LayerNorm, Pass};
 
@@ -113,10 +113,14 @@ impl SelfAttention {
                 }
                 crate::ops::attention(&qkv, mask, self.heads, dropout.as_ref())
             }
-            Tokens::Packed { lengths, .. } => {
+            Tokens::Packed { lengths, .. } if x.device().is_cpu() => {
                 let weights = self.heads * lengths.iter().map(|l| l * l).sum::<usize>();
                 let dropout = drop.multiplier(&weights.into(), x.dtype(), x.device(), pass)?;
                 attention_packed(&qkv, lengths, self.heads, dropout.as_ref())
+            }
+            // The attention kernels, which draw the dropout themselves.
+            Tokens::Packed { lengths, .. } => {
+                attention_packed_seeded(&qkv, lengths, self.heads, drop.seeded(pass))
             }
         }
     }
@@ -137,6 +141,7 @@ impl Tokens<'_> {
     /// positions when it has none, matching the padded form's attention).
     fn packed(mask: &Tensor) -> Result<Self> {
         let (batch, len) = mask.dims2()?;
+        let device = mask.device().clone();
         let mask = mask.ne(0u32)?.to_vec2::<u8>()?;
         let mut rows = Vec::with_capacity(batch * len);
         let mut lengths = Vec::with_capacity(batch);
@@ -150,11 +155,7 @@ impl Tokens<'_> {
             );
             lengths.push(rows.len() - before);
         }
-        let rows = Tensor::from_vec(
-            rows,
-            lengths.iter().sum::<usize>(),
-            &candle_core::Device::Cpu,
-        )?;
+        let rows = Tensor::from_vec(rows, lengths.iter().sum::<usize>(), &device)?;
         Ok(Self::Packed { lengths, rows })
     }
 }
@@ -215,8 +216,9 @@ impl Layer {
 /// A BERT encoder: embeddings and `num_layers()` transformer layers; returns
 /// the last hidden state `[B, T, H]` (no pooler).
 ///
-/// On the CPU in f32 and f64 the layers run on the real tokens only, packed
-/// (see [`BertEncoder::with_packing`]): a batch padded to its longest sentence
+/// On the CPU in f32 and f64, and on a CUDA device where the packed attention
+/// kernels take the head size (32, 64, 128), the layers run on the real tokens
+/// only, packed (see [`BertEncoder::with_packing`]): a batch padded to its longest sentence
 /// costs what its tokens cost. The output is then 0 at padding positions
 /// (which pooling ignores); elsewhere padding positions carry what BERT
 /// computes for them.
@@ -411,11 +413,18 @@ impl BertEncoder {
     }
 
     /// Whether the layers run on packed tokens: where the fused packed
-    /// attention runs (the CPU, f32 or f64) unless turned off.
+    /// attention runs (the CPU in f32 or f64; a CUDA device in a dtype and
+    /// head size the attention kernels take) unless turned off.
     fn packs(&self, hidden: &Tensor) -> bool {
+        let dtype = hidden.dtype();
+        let device = hidden.device();
+        let head_size = self
+            .layers
+            .first()
+            .map_or(0, |l| self.hidden_size / l.attention.heads.max(1));
         self.pack_tokens
-            && hidden.device().is_cpu()
-            && matches!(hidden.dtype(), DType::F32 | DType::F64)
+            && ((device.is_cpu() && matches!(dtype, DType::F32 | DType::F64))
+                || (device.is_cuda() && packed_kernel_supports(dtype, head_size)))
     }
 
     /// Turns packing off (`false`) or back on: the layers then run on the

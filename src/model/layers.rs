@@ -184,6 +184,19 @@ impl Dropout {
         }
     }
 
+    /// A seed from this dropout's stream for dropout drawn inside a kernel
+    /// (the packed attention kernels), when the pass trains; `None` when it
+    /// does not.
+    pub fn seeded(&self, pass: Pass) -> Option<crate::ops::attention::SeededDropout> {
+        if !pass.dropout || self.p <= 0.0 {
+            return None;
+        }
+        Some(crate::ops::attention::SeededDropout {
+            p: self.p,
+            seed: self.lock().next_u64(),
+        })
+    }
+
     /// The next dropout multiplier of `shape` (each element 0 with probability
     /// `p`, `1/(1−p)` otherwise) when the pass trains; `None` when it does not.
     pub fn multiplier(

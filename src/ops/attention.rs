@@ -25,7 +25,14 @@
 //! an additive bias that is the same for every key.
 //!
 //! f32 and f64 run the fused op on the CPU; f16, bf16 and other devices compose
-//! candle ops ([`attention_composed`]).
+//! candle ops ([`attention_composed`]), except [`attention_packed`], which on a
+//! CUDA device (and on the host harness, inside `ops::host::run`) runs the
+//! flash-attention style kernels of `kernels/attention.cu` in f32, f16, bf16
+//! and f64 (head sizes 32, 64, 128; f64 32 and 64): the weights are never
+//! stored, the backward recomputes them from the saved per-row log-sum-exp.
+//! The kernels draw their dropout themselves from a seed
+//! ([`attention_packed_seeded`]); [`packed_dropout_mask`] gives the same
+//! multipliers as a tensor, for the CPU op.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -39,6 +46,11 @@ use super::dtype::with_gemm_dtype;
 use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
 use super::math::exp_f32;
 use super::matmul::{Gemm, GemmFloat, Mat};
+
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+mod cuda;
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+mod kernel;
 
 const OP: &str = "attention";
 
@@ -82,22 +94,27 @@ pub fn attention(
 /// (`Σ heads·len²` elements). Returns `[N, H]`. With no padding to skip, mask
 /// or compute, this is the fast form for batches of uneven lengths.
 /// Differentiable with respect to `qkv`; f32 and f64 on the CPU only.
+///
+/// On a CUDA device (and on the host harness) this runs the attention kernels
+/// (see the module docs), which draw their own dropout: there `dropout` must
+/// be `None` (use [`attention_packed_seeded`]), and the head size must be one
+/// the kernels take ([`packed_kernel_supports`]). `qkv` may then have any row
+/// stride (e.g. a `narrow` of wider rows) without a copy.
 pub fn attention_packed(
     qkv: &Tensor,
     lengths: &[usize],
     heads: usize,
     dropout: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (rows, width) = match qkv.dims() {
-        [n, w] => (*n, *w),
-        dims => bail!("{OP}: packed qkv must have rank 2 [N, 3H], got shape {dims:?}"),
-    };
-    check_heads(width, heads)?;
-    if lengths.iter().sum::<usize>() != rows {
-        bail!(
-            "{OP}: the sentence lengths sum to {}, but qkv has {rows} rows",
-            lengths.iter().sum::<usize>()
-        );
+    check_packed(qkv, lengths, heads)?;
+    if kernel_path(qkv.device()) {
+        if dropout.is_some() {
+            bail!(
+                "{OP}: the packed attention kernels draw their own dropout: \
+                 give a seed to `attention_packed_seeded` instead of a multiplier"
+            );
+        }
+        return kernel_packed(qkv, lengths, heads, None);
     }
     if !qkv.device().is_cpu() || !matches!(qkv.dtype(), DType::F32 | DType::F64) {
         bail!(
@@ -124,6 +141,207 @@ pub fn attention_packed(
         dropout: dropout.map(Tensor::contiguous).transpose()?,
     };
     qkv.contiguous()?.apply_op1(op)
+}
+
+/// `[N, 3H]` packed qkv of `heads` heads whose `lengths` sum to `N`: its `N`.
+fn check_packed(qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<usize> {
+    let (rows, width) = match qkv.dims() {
+        [n, w] => (*n, *w),
+        dims => bail!("{OP}: packed qkv must have rank 2 [N, 3H], got shape {dims:?}"),
+    };
+    check_heads(width, heads)?;
+    if lengths.iter().sum::<usize>() != rows {
+        bail!(
+            "{OP}: the sentence lengths sum to {}, but qkv has {rows} rows",
+            lengths.iter().sum::<usize>()
+        );
+    }
+    Ok(rows)
+}
+
+/// Whether packed attention on `device` runs the kernels: on a CUDA device,
+/// and on the CPU inside `ops::host::run` (the host harness).
+fn kernel_path(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "host-kernels")]
+    if device.is_cpu() && super::host::enabled() {
+        return true;
+    }
+    device.is_cuda() && cfg!(feature = "cuda")
+}
+
+/// Whether [`attention_packed`] can run on a CUDA device for `dtype` and
+/// `head_size` (the sizes the kernels are built for).
+pub fn packed_kernel_supports(dtype: DType, head_size: usize) -> bool {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => matches!(head_size, 32 | 64 | 128),
+        DType::F64 => matches!(head_size, 32 | 64),
+        _ => false,
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+fn kernel_packed(
+    qkv: &Tensor,
+    lengths: &[usize],
+    heads: usize,
+    dropout: Option<SeededDropout>,
+) -> Result<Tensor> {
+    let drop = match dropout {
+        Some(d) => {
+            let threshold = d.threshold()?;
+            cuda::KernelDropout {
+                seed: d.seed,
+                threshold,
+                scale: d.scale(threshold),
+            }
+        }
+        None => cuda::KernelDropout::NONE,
+    };
+    kernel::attention_packed(qkv, lengths, heads, drop)
+}
+
+#[cfg(not(any(feature = "cuda", feature = "host-kernels")))]
+fn kernel_packed(
+    _qkv: &Tensor,
+    _lengths: &[usize],
+    _heads: usize,
+    _dropout: Option<SeededDropout>,
+) -> Result<Tensor> {
+    bail!("{OP}: built without the attention kernels")
+}
+
+/// Dropout on the attention weights drawn from a counter-based generator: the
+/// weight of query token `i` on key token `j` (rows of the packed `qkv`) in
+/// head `h` is kept, scaled by `1/(1−p)`, unless a hash of `(seed, h, i, j)`
+/// falls below `p` (see [`dropout_multiplier`]). The same seed gives the same
+/// multipliers in the forward, the backward and [`packed_dropout_mask`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeededDropout {
+    /// The probability of dropping a weight, in `[0, 1)`.
+    pub p: f32,
+    /// The generator's seed.
+    pub seed: u64,
+}
+
+impl SeededDropout {
+    /// The 32-bit draw below which a weight is dropped (0: none is).
+    fn threshold(&self) -> Result<u32> {
+        if !(0.0..1.0).contains(&self.p) {
+            bail!(
+                "{OP}: dropout probability must be in [0, 1), got {}",
+                self.p
+            );
+        }
+        Ok((f64::from(self.p) * 4_294_967_296.0)
+            .round()
+            .min(f64::from(u32::MAX)) as u32)
+    }
+
+    /// The kept weights' multiplier, `1/(1−p)` (1 when nothing is dropped).
+    fn scale(&self, threshold: u32) -> f32 {
+        if threshold == 0 {
+            1.0
+        } else {
+            (1.0 / (1.0 - f64::from(self.p))) as f32
+        }
+    }
+}
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// splitmix64's finaliser (as `mix64` in `kernels/attention.cu`).
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The key of head `head`'s stream.
+fn head_key(seed: u64, head: usize) -> u64 {
+    mix64(seed.wrapping_add((head as u64 + 1).wrapping_mul(GOLDEN)))
+}
+
+/// The multiplier of the weight of query row `i` on key row `j` of head `head`
+/// (rows of the packed qkv) under `dropout`: 0 or `1/(1−p)`, exactly what the
+/// kernels apply. `Err` for a probability outside `[0, 1)`.
+pub fn dropout_multiplier(dropout: SeededDropout, head: usize, i: usize, j: usize) -> Result<f32> {
+    let threshold = dropout.threshold()?;
+    Ok(multiplier(
+        head_key(dropout.seed, head),
+        threshold,
+        dropout.scale(threshold),
+        i,
+        j,
+    ))
+}
+
+#[inline]
+fn multiplier(key: u64, threshold: u32, scale: f32, i: usize, j: usize) -> f32 {
+    if threshold == 0 {
+        return 1.0;
+    }
+    let counter = ((i as u64) << 32) | (j as u64 & 0xffff_ffff);
+    let draw = (mix64(key.wrapping_add(counter.wrapping_mul(GOLDEN))) >> 32) as u32;
+    if draw < threshold {
+        0.0
+    } else {
+        scale
+    }
+}
+
+/// The dropout multipliers the kernels draw for packed sentences of `lengths`
+/// under `dropout`, laid out as [`attention_packed`] takes them: the sentences'
+/// `[heads, len, len]` blocks one after the other (`Σ heads·len²` elements), in
+/// `dtype` on `device`. With it the CPU op computes what the kernels do.
+pub fn packed_dropout_mask(
+    lengths: &[usize],
+    heads: usize,
+    dropout: SeededDropout,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let threshold = dropout.threshold()?;
+    let scale = dropout.scale(threshold);
+    let total = heads * lengths.iter().map(|l| l * l).sum::<usize>();
+    let mut mask = Vec::with_capacity(total);
+    let mut start = 0;
+    for &len in lengths {
+        for h in 0..heads {
+            let key = head_key(dropout.seed, h);
+            for i in start..start + len {
+                mask.extend((start..start + len).map(|j| multiplier(key, threshold, scale, i, j)));
+            }
+        }
+        start += len;
+    }
+    Tensor::from_vec(mask, total, device)?.to_dtype(dtype)
+}
+
+/// [`attention_packed`] with its dropout drawn from a seed ([`SeededDropout`];
+/// `None` or `p = 0`: no dropout): in the kernels on a CUDA device (and on the
+/// host harness), through [`packed_dropout_mask`] on the CPU, so both give the
+/// same result for the same seed.
+pub fn attention_packed_seeded(
+    qkv: &Tensor,
+    lengths: &[usize],
+    heads: usize,
+    dropout: Option<SeededDropout>,
+) -> Result<Tensor> {
+    check_packed(qkv, lengths, heads)?;
+    if kernel_path(qkv.device()) {
+        return kernel_packed(qkv, lengths, heads, dropout);
+    }
+    let mask = match dropout {
+        Some(d) if d.threshold()? > 0 => Some(packed_dropout_mask(
+            lengths,
+            heads,
+            d,
+            qkv.dtype(),
+            qkv.device(),
+        )?),
+        _ => None,
+    };
+    attention_packed(qkv, lengths, heads, mask.as_ref())
 }
 
 /// The same attention composed from candle ops, with `softmax` over the last

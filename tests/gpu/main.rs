@@ -10,6 +10,8 @@ mod common;
 
 #[path = "../kernels/adamw.rs"]
 mod adamw;
+#[path = "../kernels/attention.rs"]
+mod attention;
 #[path = "../kernels/cosine.rs"]
 mod cosine;
 #[path = "../kernels/cross_entropy.rs"]

@@ -357,3 +357,50 @@ fn packed_bad_input_is_an_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// The seeded dropout's mask: each weight 0 or 1/(1−p), about `p` of them 0,
+/// laid out per sentence `[heads, len, len]` as `dropout_multiplier` draws
+/// them; a seed repeats its mask, another seed does not; on the CPU
+/// `attention_packed_seeded` is `attention_packed` with that mask.
+#[test]
+fn seeded_dropout_mask_is_the_kernels_multiplier() -> Result<()> {
+    use sentence_mtl::ops::attention::{
+        attention_packed, attention_packed_seeded, dropout_multiplier, packed_dropout_mask,
+        SeededDropout,
+    };
+    let (lengths, heads) = ([30usize, 1, 47], 3);
+    let dropout = SeededDropout { p: 0.3, seed: 5 };
+    let mask = packed_dropout_mask(&lengths, heads, dropout, DType::F32, &Device::Cpu)?;
+    let values = mask.to_vec1::<f32>()?;
+    assert_eq!(values.len(), heads * (30 * 30 + 1 + 47 * 47));
+    let scale = (1.0 / (1.0 - 0.3f64)) as f32;
+    assert!(values.iter().all(|&v| v == 0.0 || v == scale));
+    let dropped = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len() as f64;
+    assert!((dropped - 0.3).abs() < 0.02, "dropped {dropped}");
+    // Sentence 2 (rows 31..78), head 1, query 4, key 9.
+    let at = heads * (30 * 30 + 1) + 47 * 47 + 4 * 47 + 9;
+    assert_eq!(values[at], dropout_multiplier(dropout, 1, 31 + 4, 31 + 9)?);
+    let again = packed_dropout_mask(&lengths, heads, dropout, DType::F32, &Device::Cpu)?;
+    assert_eq!(again.to_vec1::<f32>()?, values);
+    let other = SeededDropout { p: 0.3, seed: 6 };
+    let other = packed_dropout_mask(&lengths, heads, other, DType::F32, &Device::Cpu)?;
+    assert_ne!(other.to_vec1::<f32>()?, values);
+    let none = SeededDropout { p: 0.0, seed: 5 };
+    let none = packed_dropout_mask(&lengths, heads, none, DType::F32, &Device::Cpu)?;
+    assert!(none.to_vec1::<f32>()?.iter().all(|&v| v == 1.0));
+    assert!(packed_dropout_mask(
+        &lengths,
+        heads,
+        SeededDropout { p: 1.0, seed: 1 },
+        DType::F32,
+        &Device::Cpu
+    )
+    .is_err());
+
+    let n: usize = lengths.iter().sum();
+    let qkv = random_tensor(&mut rng(77), &[n, 3 * heads * 4], DType::F32, &Device::Cpu)?;
+    let seeded = attention_packed_seeded(&qkv, &lengths, heads, Some(dropout))?;
+    let masked = attention_packed(&qkv, &lengths, heads, Some(&mask))?;
+    assert_eq!(seeded.to_vec2::<f32>()?, masked.to_vec2::<f32>()?);
+    Ok(())
+}
