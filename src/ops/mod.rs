@@ -6,6 +6,7 @@
 //! | [`masked_mean_pool`] | `mean_pool/` | `kernels/mean_pool.cu` |
 //! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`], [`cosine_top_k`] | `cosine/` | `kernels/cosine.cu` |
 //! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
+//! | [`layer_norm()`], [`layer_norm_residual`] | `layer_norm/` | `kernels/layer_norm.cu` |
 //! | [`multi_head_cross_entropy()`] | `multi_head_cross_entropy/` | none yet (CUDA runs the composed ops) |
 //!
 //! Each op folder has the same three files: `mod.rs` (the public function, its
@@ -54,7 +55,7 @@ pub use bias::{add_bias, sum_rows};
 pub use cosine::{cosine_similarity, cosine_similarity_matrix, cosine_top_k, l2_normalize, TopK};
 pub use cross_entropy::{dual_head_cross_entropy, IGNORE_INDEX};
 pub use gelu::gelu_erf;
-pub use layer_norm::layer_norm;
+pub use layer_norm::{layer_norm, layer_norm_residual};
 pub use linear::linear;
 pub use mean_pool::masked_mean_pool;
 pub use multi_head_cross_entropy::{multi_head_cross_entropy, CeHead, MultiHeadLoss};

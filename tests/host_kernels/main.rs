@@ -10,6 +10,8 @@ mod common;
 mod cosine;
 #[path = "../kernels/cross_entropy.rs"]
 mod cross_entropy;
+#[path = "../kernels/layer_norm.rs"]
+mod layer_norm;
 #[path = "../kernels/mean_pool.rs"]
 mod mean_pool;
 #[path = "../kernels/top_k.rs"]
