@@ -5,6 +5,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 mod cosine;
 mod cross_entropy;
+mod layer_norm;
 mod mean_pool;
 
 fn all(c: &mut Criterion) {
@@ -12,6 +13,7 @@ fn all(c: &mut Criterion) {
     cosine::benches(c);
     cosine::top_k_benches(c);
     cross_entropy::benches(c);
+    layer_norm::benches(c);
 }
 
 criterion_group!(benches, all);

@@ -25,7 +25,10 @@ const WARPS: usize = BLOCK as usize / 32;
 const WARP_FORMS: [usize; 7] = [1, 4, 8, 12, 16, 24, 32];
 /// The most blocks a backward launch uses (its partial rows: `blocks × 2H`
 /// accumulator values); more rows make each block loop over more of them.
-pub(super) const MAX_BWD_BLOCKS: usize = 512;
+/// Several waves of blocks on any GPU (an H100 holds about 400 of the H = 384
+/// form at once), so that the last, partial wave costs little; the partials
+/// stay a few percent of the rows' bytes.
+pub(super) const MAX_BWD_BLOCKS: usize = 2048;
 /// Rows each warp of the warp-per-row backward takes at least, so that small
 /// batches do not spend more on partial rows than on the rows themselves.
 const MIN_ROWS_PER_WARP: usize = 2;
