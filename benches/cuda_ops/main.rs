@@ -7,6 +7,7 @@ mod adamw;
 mod attention;
 mod cosine;
 mod cross_entropy;
+mod layer_norm;
 mod mean_pool;
 mod multi_head_cross_entropy;
 
@@ -16,6 +17,7 @@ fn all(c: &mut Criterion) {
     cosine::top_k_benches(c);
     cross_entropy::benches(c);
     attention::benches(c);
+    layer_norm::benches(c);
     adamw::benches(c);
     multi_head_cross_entropy::benches(c);
 }

@@ -200,7 +200,7 @@ impl Layer {
     fn forward(&self, x: &Tensor, tokens: &Tokens, drop: &Dropout, pass: Pass) -> Result<Tensor> {
         let context = self.attention.forward(x, tokens, drop, pass)?;
         let attended = drop.forward(&self.attention_output.forward(&context)?, pass)?;
-        let x = self.attention_norm.forward(&(attended + x)?, pass)?;
+        let x = self.attention_norm.forward_residual(&attended, x, pass)?;
 
         let inner = self.intermediate.forward(&x)?;
         let inner = match self.activation {
@@ -209,7 +209,7 @@ impl Layer {
             HiddenAct::Relu => inner.relu()?,
         };
         let out = drop.forward(&self.output.forward(&inner)?, pass)?;
-        self.output_norm.forward(&(out + x)?, pass)
+        self.output_norm.forward_residual(&out, &x, pass)
     }
 }
 

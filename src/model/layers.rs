@@ -86,6 +86,24 @@ impl LayerNorm {
         }
         crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+
+    /// LayerNorm of `x + residual` (the post-norm residual block), through
+    /// [`crate::ops::layer_norm_residual`]: on the CPU that is exactly
+    /// `forward(x + residual)` (the same bits); on CUDA one fused kernel that
+    /// never writes the sum, in every pass. Other devices add, then `forward`.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, pass: Pass) -> Result<Tensor> {
+        let device = x.device();
+        if device.is_cpu() || device.is_cuda() {
+            return crate::ops::layer_norm_residual(
+                x,
+                residual,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            );
+        }
+        self.forward(&(x + residual)?, pass)
+    }
 }
 
 /// A fully connected layer `y = x·Wᵀ + b` (Hugging Face's `nn.Linear` weights:

@@ -5,7 +5,9 @@
 //!
 //! [`run`] turns it on for the current thread: inside it the fused ops
 //! (`masked_mean_pool`, the cosine ops, `dual_head_cross_entropy`,
-//! `multi_head_cross_entropy`, forward and backward) take their CUDA path for CPU tensors, with the harness as the
+//! `multi_head_cross_entropy`, `layer_norm`, `layer_norm_residual`,
+//! `attention_packed`, forward and backward; `multi_tensor_adamw`) take their
+//! CUDA path for CPU tensors, with the harness as the
 //! device. The harness models device memory as a kernel sees it: every buffer
 //! starts 256-byte aligned (as `cudaMalloc`'s do) between guard bytes,
 //! allocations start poisoned (all bits set: NaN in every float dtype), and

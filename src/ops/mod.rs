@@ -7,6 +7,7 @@
 //! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`], [`cosine_top_k`] | `cosine/` | `kernels/cosine.cu` |
 //! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
 //! | [`multi_tensor_adamw`] (the optimiser step, in place, one launch for all tensors) | `adamw/` | `kernels/adamw.cu` |
+//! | [`layer_norm()`], [`layer_norm_residual`] | `layer_norm/` | `kernels/layer_norm.cu` |
 //! | [`multi_head_cross_entropy()`] | `multi_head_cross_entropy/` | `kernels/multi_head_cross_entropy.cu` |
 //!
 //! Each op folder has the same three files: `mod.rs` (the public function, its
@@ -57,7 +58,7 @@ pub use bias::{add_bias, sum_rows};
 pub use cosine::{cosine_similarity, cosine_similarity_matrix, cosine_top_k, l2_normalize, TopK};
 pub use cross_entropy::{dual_head_cross_entropy, IGNORE_INDEX};
 pub use gelu::gelu_erf;
-pub use layer_norm::layer_norm;
+pub use layer_norm::{layer_norm, layer_norm_residual};
 pub use linear::linear;
 pub use mean_pool::masked_mean_pool;
 pub use multi_head_cross_entropy::{multi_head_cross_entropy, CeHead, MultiHeadLoss};

@@ -16,6 +16,8 @@ mod attention;
 mod cosine;
 #[path = "../kernels/cross_entropy.rs"]
 mod cross_entropy;
+#[path = "../kernels/layer_norm.rs"]
+mod layer_norm;
 #[path = "../kernels/mean_pool.rs"]
 mod mean_pool;
 #[path = "../kernels/multi_head_cross_entropy.rs"]

@@ -9,6 +9,7 @@ mod attention;
 mod cosine;
 mod cross_entropy;
 mod encoder_ops;
+mod layer_norm;
 mod mean_pool;
 mod multi_head_cross_entropy;
 mod top_k;
