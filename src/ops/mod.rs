@@ -6,6 +6,7 @@
 //! | [`masked_mean_pool`] | `mean_pool/` | `kernels/mean_pool.cu` |
 //! | [`cosine_similarity`], [`cosine_similarity_matrix`], [`l2_normalize`], [`cosine_top_k`] | `cosine/` | `kernels/cosine.cu` |
 //! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
+//! | [`bias_gelu()`] (the encoder's intermediate layer off the CPU) | `bias_gelu/` | `kernels/bias_gelu.cu` |
 //! | [`multi_head_cross_entropy()`] | `multi_head_cross_entropy/` | none yet (CUDA runs the composed ops) |
 //!
 //! Each op folder has the same three files: `mod.rs` (the public function, its
@@ -27,6 +28,7 @@
 
 pub mod attention;
 pub mod bias;
+pub mod bias_gelu;
 mod buffer;
 pub mod cosine;
 pub mod cross_entropy;
@@ -51,6 +53,7 @@ pub mod launch;
 
 pub use attention::attention;
 pub use bias::{add_bias, sum_rows};
+pub use bias_gelu::bias_gelu;
 pub use cosine::{cosine_similarity, cosine_similarity_matrix, cosine_top_k, l2_normalize, TopK};
 pub use cross_entropy::{dual_head_cross_entropy, IGNORE_INDEX};
 pub use gelu::gelu_erf;

@@ -8,6 +8,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+#[path = "../kernels/bias_gelu.rs"]
+mod bias_gelu;
 #[path = "../kernels/cosine.rs"]
 mod cosine;
 #[path = "../kernels/cross_entropy.rs"]

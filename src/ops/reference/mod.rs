@@ -2,6 +2,7 @@
 //! as loops over row-major slices. Tests compare the fused ops against these; users
 //! can call them too.
 
+pub mod bias_gelu;
 pub mod cosine;
 pub mod cross_entropy;
 pub mod mean_pool;
