@@ -3,6 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
+mod bias_gelu;
 mod cosine;
 mod cross_entropy;
 mod mean_pool;
@@ -12,6 +13,7 @@ fn all(c: &mut Criterion) {
     cosine::benches(c);
     cosine::top_k_benches(c);
     cross_entropy::benches(c);
+    bias_gelu::benches(c);
 }
 
 criterion_group!(benches, all);

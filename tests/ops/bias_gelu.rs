@@ -134,7 +134,10 @@ fn bias_gelu_gradients_match_finite_differences() -> Result<()> {
     let loss = |x: &[f64], b: &[f64]| -> Result<f64> {
         let x = Tensor::from_slice(x, (rows, h), &Device::Cpu)?;
         let b = Tensor::from_slice(b, h, &Device::Cpu)?;
-        bias_gelu(&x, &b)?.mul(&weight)?.sum_all()?.to_scalar::<f64>()
+        bias_gelu(&x, &b)?
+            .mul(&weight)?
+            .sum_all()?
+            .to_scalar::<f64>()
     };
     let (xs, bs) = (values(&x), values(&bias));
     let eps = 1e-6;
@@ -151,11 +154,17 @@ fn bias_gelu_gradients_match_finite_differences() -> Result<()> {
     };
     for (i, &g) in dx.iter().enumerate() {
         let n = numeric(&xs, i, true)?;
-        assert!((g - n).abs() <= 1e-7 * (1.0 + n.abs()), "dx[{i}] = {g}, finite differences {n}");
+        assert!(
+            (g - n).abs() <= 1e-7 * (1.0 + n.abs()),
+            "dx[{i}] = {g}, finite differences {n}"
+        );
     }
     for (i, &g) in db.iter().enumerate() {
         let n = numeric(&bs, i, false)?;
-        assert!((g - n).abs() <= 1e-7 * (1.0 + n.abs()), "dbias[{i}] = {g}, finite differences {n}");
+        assert!(
+            (g - n).abs() <= 1e-7 * (1.0 + n.abs()),
+            "dbias[{i}] = {g}, finite differences {n}"
+        );
     }
     Ok(())
 }
@@ -179,16 +188,39 @@ fn bias_gelu_rejects_bad_input() -> Result<()> {
     let x = Tensor::ones((3, 4), DType::F32, dev)?;
     let bias = Tensor::ones(4, DType::F32, dev)?;
     let cases = [
-        (x.clone(), Tensor::ones(5, DType::F32, dev)?, "bias must have shape [4]"),
-        (x.clone(), Tensor::ones((1, 4), DType::F32, dev)?, "bias must have shape [4]"),
-        (Tensor::new(1f32, dev)?, bias.clone(), "x must have rank >= 1"),
-        (x.clone(), bias.to_dtype(DType::F64)?, "both must have the same dtype"),
-        (x.to_dtype(DType::U32)?, bias.to_dtype(DType::U32)?, "unsupported dtype U32"),
+        (
+            x.clone(),
+            Tensor::ones(5, DType::F32, dev)?,
+            "bias must have shape [4]",
+        ),
+        (
+            x.clone(),
+            Tensor::ones((1, 4), DType::F32, dev)?,
+            "bias must have shape [4]",
+        ),
+        (
+            Tensor::new(1f32, dev)?,
+            bias.clone(),
+            "x must have rank >= 1",
+        ),
+        (
+            x.clone(),
+            bias.to_dtype(DType::F64)?,
+            "both must have the same dtype",
+        ),
+        (
+            x.to_dtype(DType::U32)?,
+            bias.to_dtype(DType::U32)?,
+            "unsupported dtype U32",
+        ),
     ];
     for (x, bias, expected) in cases {
         let message = bias_gelu(&x, &bias).expect_err(expected).to_string();
         assert!(message.starts_with("bias_gelu: "), "{message}");
-        assert!(message.contains(expected), "expected {expected:?} in {message:?}");
+        assert!(
+            message.contains(expected),
+            "expected {expected:?} in {message:?}"
+        );
     }
     Ok(())
 }

@@ -45,7 +45,8 @@ impl GeluAcc for f64 {
 
     #[inline(always)]
     fn gelu_derivative(self) -> f64 {
-        let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(self * std::f64::consts::FRAC_1_SQRT_2));
+        let cdf =
+            0.5 * (1.0 + candle_core::cpu::erf::erf_f64(self * std::f64::consts::FRAC_1_SQRT_2));
         let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
         cdf + self * inv_sqrt_2pi * (-0.5 * self * self).exp()
     }
@@ -103,8 +104,12 @@ where
             .zip(xs.chunks_exact(h))
             .zip(gs.chunks_exact(h))
         {
-            for ((((o, &xv), &g), &bv), p) in
-                dr.iter_mut().zip(xr).zip(gr).zip(&bias).zip(partial.iter_mut())
+            for ((((o, &xv), &g), &bv), p) in dr
+                .iter_mut()
+                .zip(xr)
+                .zip(gr)
+                .zip(&bias)
+                .zip(partial.iter_mut())
             {
                 let d = T::from_acc(g.to_acc() * (xv.to_acc() + bv).gelu_derivative());
                 *o = d;

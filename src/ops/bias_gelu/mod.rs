@@ -103,7 +103,7 @@ impl Dims {
             candle_core::bail!("{OP}: internal error, input not contiguous");
         };
         Ok(Self {
-            rows: if h == 0 { 0 } else { x.shape().elem_count() / h },
+            rows: x.shape().elem_count().checked_div(h).unwrap_or(0),
             h,
             x_offset,
             bias_offset,
@@ -220,10 +220,7 @@ impl CustomOp3 for BiasGeluBackward {
         super::dtype::check_float_dtype(OP, "x", sx.dtype())?;
         let shape = Shape::from(dims.rows * dims.h + dims.h);
         let exec = super::cuda::CudaExecutor::new(sx.device());
-        Ok((
-            cuda::backward(&exec, sx, sb, (sg, dy_offset), dims)?,
-            shape,
-        ))
+        Ok((cuda::backward(&exec, sx, sb, (sg, dy_offset), dims)?, shape))
     }
 }
 
