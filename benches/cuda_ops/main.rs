@@ -5,6 +5,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 mod adamw;
 mod attention;
+mod bias_gelu;
 mod cosine;
 mod cross_entropy;
 mod layer_norm;
@@ -18,6 +19,7 @@ fn all(c: &mut Criterion) {
     cross_entropy::benches(c);
     attention::benches(c);
     layer_norm::benches(c);
+    bias_gelu::benches(c);
     adamw::benches(c);
     multi_head_cross_entropy::benches(c);
 }

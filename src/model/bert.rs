@@ -202,11 +202,11 @@ impl Layer {
         let attended = drop.forward(&self.attention_output.forward(&context)?, pass)?;
         let x = self.attention_norm.forward_residual(&attended, x, pass)?;
 
-        let inner = self.intermediate.forward(&x)?;
         let inner = match self.activation {
-            HiddenAct::Gelu => crate::ops::gelu_erf(&inner)?,
-            HiddenAct::GeluApproximate => inner.gelu()?,
-            HiddenAct::Relu => inner.relu()?,
+            // On the CPU linear then gelu_erf; elsewhere the product, then bias_gelu.
+            HiddenAct::Gelu => self.intermediate.forward_gelu_erf(&x)?,
+            HiddenAct::GeluApproximate => self.intermediate.forward(&x)?.gelu()?,
+            HiddenAct::Relu => self.intermediate.forward(&x)?.relu()?,
         };
         let out = drop.forward(&self.output.forward(&inner)?, pass)?;
         self.output_norm.forward_residual(&out, &x, pass)

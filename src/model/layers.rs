@@ -6,7 +6,8 @@
 //! therefore has two paths, chosen by [`Pass`]:
 //! - differentiable: our ops with a fused backward on the CPU
 //!   ([`crate::ops::layer_norm()`], [`crate::ops::softmax_last_dim`],
-//!   [`crate::ops::gelu_erf`], [`crate::ops::linear()`], [`crate::ops::attention()`]),
+//!   [`crate::ops::gelu_erf`], [`crate::ops::linear()`], [`crate::ops::attention()`];
+//!   off the CPU [`crate::ops::bias_gelu()`] after the intermediate layer's product),
 //!   composed candle ops
 //!   elsewhere; used for training and whenever gradients may be wanted;
 //! - fast (inference only): on the CPU the same ops of ours, which are fused
@@ -143,6 +144,30 @@ impl Dense {
     /// `x` `[.., in]` to `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::linear(x, &self.weight, &self.bias)
+    }
+
+    /// `gelu_erf(x·Wᵀ + b)`: the layer followed by the exact GELU. On the CPU
+    /// [`crate::ops::linear()`] then [`crate::ops::gelu_erf`], as before; on
+    /// other devices the product without its bias (candle's matmul: cuBLAS),
+    /// then [`crate::ops::bias_gelu()`], which adds the bias and applies GELU
+    /// in one pass forward and one backward (plus the bias gradient's reduction).
+    pub fn forward_gelu_erf(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            return crate::ops::gelu_erf(&self.forward(x)?);
+        }
+        let (out_size, in_size) = self.weight.dims2()?;
+        let mut out_dims = x.dims().to_vec();
+        match out_dims.last_mut() {
+            Some(last) if *last == in_size => *last = out_size,
+            _ => candle_core::bail!(
+                "linear: x {:?} does not end in the {in_size} features weight {:?} takes",
+                x.dims(),
+                self.weight.dims()
+            ),
+        }
+        let rows = x.elem_count() / in_size.max(1);
+        let product = x.reshape((rows, in_size))?.matmul(&self.weight.t()?)?;
+        crate::ops::bias_gelu(&product, &self.bias)?.reshape(out_dims)
     }
 }
 

@@ -41,12 +41,12 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 }
 
 #[inline(always)]
-fn gelu(x: f32) -> f32 {
+pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 #[inline(always)]
-fn gelu_derivative(x: f32) -> f32 {
+pub(crate) fn gelu_derivative(x: f32) -> f32 {
     // 1/sqrt(2π)
     const INV_SQRT_2PI: f32 = 0.398_942_3;
     let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));

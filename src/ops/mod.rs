@@ -8,6 +8,7 @@
 //! | [`dual_head_cross_entropy`] | `cross_entropy/` | `kernels/cross_entropy.cu` |
 //! | [`multi_tensor_adamw`] (the optimiser step, in place, one launch for all tensors) | `adamw/` | `kernels/adamw.cu` |
 //! | [`layer_norm()`], [`layer_norm_residual`] | `layer_norm/` | `kernels/layer_norm.cu` |
+//! | [`bias_gelu()`] (the encoder's intermediate layer off the CPU) | `bias_gelu/` | `kernels/bias_gelu.cu` |
 //! | [`multi_head_cross_entropy()`] | `multi_head_cross_entropy/` | `kernels/multi_head_cross_entropy.cu` |
 //!
 //! Each op folder has the same three files: `mod.rs` (the public function, its
@@ -30,6 +31,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod bias;
+pub mod bias_gelu;
 mod buffer;
 pub mod cosine;
 pub mod cross_entropy;
@@ -55,6 +57,7 @@ pub mod launch;
 pub use adamw::multi_tensor_adamw;
 pub use attention::attention;
 pub use bias::{add_bias, sum_rows};
+pub use bias_gelu::bias_gelu;
 pub use cosine::{cosine_similarity, cosine_similarity_matrix, cosine_top_k, l2_normalize, TopK};
 pub use cross_entropy::{dual_head_cross_entropy, IGNORE_INDEX};
 pub use gelu::gelu_erf;

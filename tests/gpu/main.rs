@@ -12,6 +12,8 @@ mod common;
 mod adamw;
 #[path = "../kernels/attention.rs"]
 mod attention;
+#[path = "../kernels/bias_gelu.rs"]
+mod bias_gelu;
 #[path = "../kernels/cosine.rs"]
 mod cosine;
 #[path = "../kernels/cross_entropy.rs"]

@@ -6,6 +6,7 @@
 mod common;
 
 mod attention;
+mod bias_gelu;
 mod cosine;
 mod cross_entropy;
 mod encoder_ops;

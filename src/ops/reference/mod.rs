@@ -3,6 +3,7 @@
 //! can call them too.
 
 pub mod adamw;
+pub mod bias_gelu;
 pub mod cosine;
 pub mod cross_entropy;
 pub mod mean_pool;
