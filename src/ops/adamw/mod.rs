@@ -66,6 +66,8 @@ pub struct AdamWTensor<'a> {
     pub step: u64,
 }
 
+// The kernel's coefficients (read by the launch plan, under `cuda` or `host-kernels`).
+#[cfg_attr(not(any(feature = "cuda", feature = "host-kernels")), allow(dead_code))]
 impl AdamWTensor<'_> {
     fn decay(&self) -> f64 {
         1.0 - self.lr * self.weight_decay

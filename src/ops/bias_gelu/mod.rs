@@ -10,7 +10,7 @@
 //! whose backward applies `BiasGeluBackward` on the saved x and bias (z = x + b
 //! is recomputed, never stored). The CPU path (`cpu.rs`) is fused too; `cuda.rs`
 //! holds the launch plans of the kernels, run by the CUDA device and, inside
-//! [`crate::ops::host::run`], by the host harness.
+//! `crate::ops::host::run`, by the host harness.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};

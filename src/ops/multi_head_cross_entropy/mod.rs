@@ -417,6 +417,7 @@ impl CustomOp3 for FusedCrossEntropy {
 /// The kernel path's backward: `(logits, labels, head table) -> [N·ΣC]`, every
 /// head's gradient from the forward's weight sums (left on the device) and the
 /// incoming gradient `[H + 1]`, which rides in the struct (contiguous).
+#[cfg_attr(not(any(feature = "cuda", feature = "host-kernels")), allow(dead_code))]
 struct FusedCrossEntropyBackward {
     plan: Arc<Plan>,
     state: Arc<ForwardState>,
