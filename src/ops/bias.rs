@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::buffer::output_buffer;
 use super::dtype::FloatElem;
-use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
+use super::layout::{check_column_vectors, contiguous_slice};
 use crate::ops::dtype::with_float_dtype;
 
 const OP: &str = "add_bias";
@@ -30,20 +30,7 @@ const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
 /// `x` `[.., H]` plus `bias` `[H]` on every row. Differentiable w.r.t. both.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if x.rank() == 0 {
-        candle_core::bail!("{OP}: x must have rank >= 1 [.., H], got a scalar");
-    }
-    let h = x.dim(D::Minus1)?;
-    if bias.dims() != [h] {
-        candle_core::bail!(
-            "{OP}: bias must have shape [{h}] (the last dimension of x {:?}), got {:?}",
-            x.dims(),
-            bias.dims()
-        );
-    }
-    check_same_dtype(OP, ("x", x), ("bias", bias))?;
-    check_same_device(OP, ("x", x), ("bias", bias))?;
-    with_float_dtype!(OP, "x", x.dtype(), _T => Ok(()))?;
+    check_column_vectors(OP, x, &[("bias", bias)])?;
     if !x.device().is_cpu() {
         return x.broadcast_add(bias);
     }

@@ -58,6 +58,27 @@ pub fn check_rank(op: &str, what: &str, t: &Tensor, rank: usize, expected: &str)
     Ok(())
 }
 
+/// `x` of rank >= 1 (`[.., H]`) and each of `vectors` of shape `[H]` (a per-column
+/// bias, weight...), on `x`'s device and of its dtype, which must be a float.
+pub fn check_column_vectors(op: &str, x: &Tensor, vectors: &[(&str, &Tensor)]) -> Result<()> {
+    if x.rank() == 0 {
+        candle_core::bail!("{op}: x must have rank >= 1 [.., H], got a scalar");
+    }
+    let h = x.dim(candle_core::D::Minus1)?;
+    for &(what, t) in vectors {
+        if t.dims() != [h] {
+            candle_core::bail!(
+                "{op}: {what} must have shape [{h}] (the last dimension of x {:?}), got {:?}",
+                x.dims(),
+                t.dims()
+            );
+        }
+        check_same_dtype(op, ("x", x), (what, t))?;
+        check_same_device(op, ("x", x), (what, t))?;
+    }
+    super::dtype::check_float_dtype(op, "x", x.dtype())
+}
+
 /// `Err` unless both tensors live on the same device.
 pub fn check_same_device(op: &str, a: (&str, &Tensor), b: (&str, &Tensor)) -> Result<()> {
     if !a.1.device().same_device(b.1.device()) {

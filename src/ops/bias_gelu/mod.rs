@@ -13,7 +13,7 @@
 //! `crate::ops::host::run`, by the host harness.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "host-kernels"))]
@@ -21,7 +21,7 @@ mod cuda;
 
 use cpu::{backward_cpu, forward_cpu};
 
-use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
+use super::layout::{check_column_vectors, contiguous_slice};
 use crate::ops::dtype::with_float_dtype;
 
 const OP: &str = "bias_gelu";
@@ -57,20 +57,7 @@ const OP: &str = "bias_gelu";
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if x.rank() == 0 {
-        candle_core::bail!("{OP}: x must have rank >= 1 [.., H], got a scalar");
-    }
-    let h = x.dim(D::Minus1)?;
-    if bias.dims() != [h] {
-        candle_core::bail!(
-            "{OP}: bias must have shape [{h}] (the last dimension of x {:?}), got {:?}",
-            x.dims(),
-            bias.dims()
-        );
-    }
-    check_same_dtype(OP, ("x", x), ("bias", bias))?;
-    check_same_device(OP, ("x", x), ("bias", bias))?;
-    with_float_dtype!(OP, "x", x.dtype(), _T => Ok(()))?;
+    check_column_vectors(OP, x, &[("bias", bias)])?;
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
 }
 

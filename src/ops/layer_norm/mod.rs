@@ -36,7 +36,7 @@ mod cuda;
 
 use cpu::{add_rows, backward_cpu, forward_cpu};
 
-use super::layout::{check_same_device, check_same_dtype, contiguous_slice};
+use super::layout::{check_column_vectors, check_same_device, check_same_dtype, contiguous_slice};
 use crate::ops::dtype::with_float_dtype;
 
 const OP: &str = "layer_norm";
@@ -125,22 +125,7 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
 }
 
 fn check_inputs(op: &str, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<()> {
-    if x.rank() == 0 {
-        candle_core::bail!("{op}: x must have rank >= 1 [.., H], got a scalar");
-    }
-    let h = x.dim(D::Minus1)?;
-    for (what, t) in [("weight", weight), ("bias", bias)] {
-        if t.dims() != [h] {
-            candle_core::bail!(
-                "{op}: {what} must have shape [{h}] (the last dimension of x {:?}), got {:?}",
-                x.dims(),
-                t.dims()
-            );
-        }
-        check_same_dtype(op, ("x", x), (what, t))?;
-        check_same_device(op, ("x", x), (what, t))?;
-    }
-    with_float_dtype!(op, "x", x.dtype(), _T => Ok(()))?;
+    check_column_vectors(op, x, &[("weight", weight), ("bias", bias)])?;
     if eps.is_nan() || eps <= 0.0 {
         candle_core::bail!("{op}: eps must be positive, got {eps}");
     }
