@@ -30,6 +30,10 @@ pub struct TrainArgs {
     /// A task's weight in the total loss, `NAME=W` (default 1); repeatable.
     #[arg(long, value_name = "NAME=W", value_parser = parse_task_weight)]
     pub task_weight: Vec<(String, f64)>,
+    /// How many times an epoch visits a task's training examples, `NAME=K`
+    /// (default 1): K above 1 oversamples a small task; repeatable.
+    #[arg(long, value_name = "NAME=K", value_parser = parse_task_passes)]
+    pub task_passes: Vec<(String, usize)>,
     /// A local model folder or a Hugging Face repo id.
     #[arg(long, default_value = crate::model::DEFAULT_MODEL)]
     pub model: String,
@@ -141,10 +145,10 @@ impl TrainArgs {
             }
         }
         for (name, weight) in &self.task_weight {
-            let task = tasks.iter_mut().find(|t| &t.name == name).ok_or_else(|| {
-                anyhow::anyhow!("--task-weight {name}={weight}: no task named {name}")
-            })?;
-            task.weight = *weight;
+            named_task(&mut tasks, "--task-weight", name)?.weight = *weight;
+        }
+        for (name, passes) in &self.task_passes {
+            named_task(&mut tasks, "--task-passes", name)?.passes = *passes;
         }
         Ok(tasks)
     }
@@ -185,14 +189,41 @@ impl TrainArgs {
     }
 }
 
-fn parse_task_weight(s: &str) -> Result<(String, f64), String> {
-    let (name, weight) = s
+/// The task a per-task flag names.
+fn named_task<'a>(
+    tasks: &'a mut [TaskSpec],
+    flag: &str,
+    name: &str,
+) -> anyhow::Result<&'a mut TaskSpec> {
+    tasks
+        .iter_mut()
+        .find(|t| t.name == name)
+        .ok_or_else(|| anyhow::anyhow!("{flag} {name}=..: no task named {name}"))
+}
+
+/// `NAME=VALUE`, as the per-task flags take it.
+fn parse_named<T: std::str::FromStr>(s: &str, what: &str) -> Result<(String, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (name, value) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NAME=WEIGHT"))?;
-    let weight = weight
+        .ok_or_else(|| format!("{s:?}: expected NAME={}", what.to_uppercase()))?;
+    let value = value
         .parse()
-        .map_err(|e| format!("{s:?}: the weight is not a number: {e}"))?;
-    Ok((name.to_string(), weight))
+        .map_err(|e| format!("{s:?}: the {what} is not valid: {e}"))?;
+    Ok((name.to_string(), value))
+}
+
+fn parse_task_weight(s: &str) -> Result<(String, f64), String> {
+    parse_named(s, "weight")
+}
+
+fn parse_task_passes(s: &str) -> Result<(String, usize), String> {
+    match parse_named(s, "passes")? {
+        (_, 0) => Err(format!("{s:?}: the passes must be at least 1")),
+        named => Ok(named),
+    }
 }
 
 /// Runs `sentence-mtl train`.
@@ -299,6 +330,27 @@ mod tests {
         let unknown = Cli::parse_from(["train", "--data", "d", "--task-weight", "x=1"]).train;
         assert!(unknown
             .to_config()
+            .unwrap_err()
+            .to_string()
+            .contains("no task named x"));
+    }
+
+    /// `--task-passes` oversamples one task; zero, a fraction or an unknown
+    /// task is refused.
+    #[test]
+    fn task_passes_flag() {
+        let args = Cli::parse_from(["train", "--data", "d", "--task-passes", "emotion=3"]).train;
+        let passes: Vec<usize> = args.tasks().unwrap().iter().map(|t| t.passes).collect();
+        assert_eq!(passes, [3, 1]);
+        for bad in ["emotion=0", "emotion=1.5", "emotion"] {
+            assert!(
+                Cli::try_parse_from(["train", "--data", "d", "--task-passes", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        let unknown = Cli::parse_from(["train", "--data", "d", "--task-passes", "x=2"]).train;
+        assert!(unknown
+            .tasks()
             .unwrap_err()
             .to_string()
             .contains("no task named x"));

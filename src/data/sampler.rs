@@ -1,7 +1,8 @@
 //! The order in which one epoch visits the examples of every task.
 //!
-//! Both samplers visit every example of every task exactly once per epoch and
-//! are a pure function of `(seed, epoch)`: the same arguments give the same
+//! Both samplers visit every example of every task exactly once per epoch (or
+//! `passes[t]` times, to oversample a small task) and are a pure function of
+//! `(seed, epoch)`: the same arguments give the same
 //! batches on every run, which is what makes `--resume` land on the batch it
 //! stopped at.
 
@@ -32,30 +33,44 @@ pub struct ExampleRef {
     pub index: usize,
 }
 
-/// The batches of epoch `epoch` (0-based) over tasks of `sizes[t]` examples.
-/// Every batch has `batch_size` rows except possibly the last of each task
-/// stream (no example is dropped).
+/// The batches of epoch `epoch` (0-based) over tasks of `sizes[t]` examples,
+/// each visited `passes[t]` times (each pass a fresh shuffle; 1 for every task
+/// is the plain epoch). Every batch has `batch_size` rows except possibly the
+/// last of each task stream (no example is dropped).
 pub fn epoch_batches(
     kind: SamplerKind,
     sizes: &[usize],
+    passes: &[usize],
     batch_size: usize,
     seed: u64,
     epoch: usize,
 ) -> Vec<Vec<ExampleRef>> {
     assert!(batch_size > 0, "batch_size must be positive");
+    assert_eq!(sizes.len(), passes.len(), "one pass count per task");
     let mut rng = epoch_rng(seed, epoch);
     let task = |task: usize| (0..sizes[task]).map(move |index| ExampleRef { task, index });
     match kind {
         SamplerKind::Proportional => {
-            let mut all: Vec<ExampleRef> = (0..sizes.len()).flat_map(task).collect();
+            // All passes of all tasks in one shuffle: with one pass each, the
+            // plain union (so the default recipe's batches do not move).
+            let mut all: Vec<ExampleRef> = (0..sizes.len())
+                .flat_map(|t| (0..passes[t]).flat_map(move |_| task(t)))
+                .collect();
             all.shuffle(&mut rng);
             all.chunks(batch_size).map(<[_]>::to_vec).collect()
         }
         SamplerKind::RoundRobin => {
             let mut streams: Vec<_> = (0..sizes.len())
                 .map(|t| {
-                    let mut rows: Vec<ExampleRef> = task(t).collect();
-                    rows.shuffle(&mut rng);
+                    // Pass after pass, each shuffled on its own: no example
+                    // comes twice before every other has come once.
+                    let rows: Vec<ExampleRef> = (0..passes[t])
+                        .flat_map(|_| {
+                            let mut pass: Vec<ExampleRef> = task(t).collect();
+                            pass.shuffle(&mut rng);
+                            pass
+                        })
+                        .collect();
                     rows.chunks(batch_size)
                         .map(<[_]>::to_vec)
                         .collect::<Vec<_>>()

@@ -11,7 +11,8 @@ use super::optim::AdamWParams;
 use crate::data::{SamplerKind, TaskKind};
 use crate::model::multitask::Freeze;
 
-/// One task of a run: its name, folder, kind and weight in the total loss.
+/// One task of a run: its name, folder, kind, weight in the total loss and
+/// passes over its training split per epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskSpec {
     /// The task's name (names its head and its metrics).
@@ -22,6 +23,15 @@ pub struct TaskSpec {
     pub kind: TaskKind,
     /// `w_t` in `total = Σ_t w_t·loss_t`.
     pub weight: f64,
+    /// How many times an epoch visits each of the task's training examples:
+    /// above 1 oversamples a small task (more of its batches per epoch).
+    #[serde(default = "one_pass")]
+    pub passes: usize,
+}
+
+/// Checkpoints from before `passes` existed ran one pass per epoch.
+fn one_pass() -> usize {
+    1
 }
 
 impl TaskSpec {
@@ -37,6 +47,7 @@ impl TaskSpec {
             dir,
             kind,
             weight: 1.0,
+            passes: 1,
         }
     }
 }
@@ -294,6 +305,11 @@ impl TrainConfig {
                 "task {}: the loss weight must be non-negative, got {}",
                 task.name,
                 task.weight
+            );
+            anyhow::ensure!(
+                task.passes >= 1,
+                "task {}: the passes per epoch must be at least 1",
+                task.name
             );
             anyhow::ensure!(
                 self.tasks[..i].iter().all(|t| t.name != task.name),

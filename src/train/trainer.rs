@@ -255,6 +255,7 @@ impl MultiTaskTrainer {
                 let per_epoch = epoch_batches(
                     config.sampler,
                     &sizes(&train),
+                    &passes(config),
                     config.batch_size,
                     config.seed,
                     0,
@@ -540,11 +541,13 @@ impl MultiTaskTrainer {
             .map_or(total_steps, |m| m.min(total_steps));
         let bar = progress_bar(self.config.verbose, total_steps as u64, start as u64);
         let sizes = sizes(&self.run_ref()?.train);
+        let passes = passes(&self.config);
         let names = self.task_names();
         for epoch in start / steps_per_epoch..self.config.epochs {
             let batches = epoch_batches(
                 self.config.sampler,
                 &sizes,
+                &passes,
                 self.config.batch_size,
                 self.config.seed,
                 epoch,
@@ -957,6 +960,11 @@ fn mean_losses(steps: &[StepRecord], epoch: usize) -> Vec<Option<f64>> {
 /// The batch sizes the sampler draws from: each task's training examples.
 fn sizes(train: &[Vec<Example>]) -> Vec<usize> {
     train.iter().map(Vec::len).collect()
+}
+
+/// How many times an epoch visits each task's examples.
+fn passes(config: &TrainConfig) -> Vec<usize> {
+    config.tasks.iter().map(|t| t.passes).collect()
 }
 
 /// `emotion (4 classes), sts (similarity)`.

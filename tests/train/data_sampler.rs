@@ -30,7 +30,7 @@ fn every_example_once_per_epoch() {
             (&[3, 0, 11, 5], 4),
         ] {
             for epoch in 0..3 {
-                let batches = epoch_batches(kind, sizes, batch, 42, epoch);
+                let batches = epoch_batches(kind, sizes, &vec![1; sizes.len()], batch, 42, epoch);
                 let seen: Vec<ExampleRef> = batches.iter().flatten().copied().collect();
                 let unique: BTreeSet<ExampleRef> = seen.iter().copied().collect();
                 assert_eq!(
@@ -47,7 +47,14 @@ fn every_example_once_per_epoch() {
 
 #[test]
 fn proportional_gives_the_pytorch_step_count_and_mixed_batches() {
-    let batches = epoch_batches(SamplerKind::Proportional, &[3257, 10000], 32, 42, 0);
+    let batches = epoch_batches(
+        SamplerKind::Proportional,
+        &[3257, 10000],
+        &[1, 1],
+        32,
+        42,
+        0,
+    );
     assert_eq!(
         batches.len(),
         415,
@@ -71,7 +78,7 @@ fn round_robin_alternates_single_task_batches() {
             })
             .collect()
     };
-    let batches = epoch_batches(SamplerKind::RoundRobin, &[10, 30], 4, 7, 0);
+    let batches = epoch_batches(SamplerKind::RoundRobin, &[10, 30], &[1, 1], 4, 7, 0);
     // 3 batches of A (4+4+2), 8 of B: A B A B A B, then the rest of B.
     let expected: Vec<usize> = [0, 1, 0, 1, 0, 1]
         .into_iter()
@@ -79,27 +86,55 @@ fn round_robin_alternates_single_task_batches() {
         .collect();
     assert_eq!(task_of(batches), expected);
     // Three tasks: one batch of each in turn, the used-up ones dropping out.
-    let batches = epoch_batches(SamplerKind::RoundRobin, &[4, 12, 8], 4, 7, 0);
+    let batches = epoch_batches(SamplerKind::RoundRobin, &[4, 12, 8], &[1, 1, 1], 4, 7, 0);
     assert_eq!(task_of(batches), [0, 1, 2, 1, 2, 1]);
+}
+
+/// `passes[t]` visits of task `t` per epoch, each a full pass before the next
+/// begins in the round-robin stream; every other task still comes once.
+#[test]
+fn passes_oversample_a_task() {
+    for kind in KINDS {
+        let batches = epoch_batches(kind, &[10, 30], &[3, 1], 5, 42, 0);
+        let seen: Vec<ExampleRef> = batches.iter().flatten().copied().collect();
+        let count = |r: &ExampleRef| seen.iter().filter(|s| *s == r).count();
+        for index in 0..10 {
+            assert_eq!(count(&ExampleRef { task: 0, index }), 3, "{kind:?}");
+        }
+        for index in 0..30 {
+            assert_eq!(count(&ExampleRef { task: 1, index }), 1, "{kind:?}");
+        }
+        assert_eq!(batches.len(), 12, "{kind:?}: 60 rows in full batches of 5");
+    }
+    let a_rows: Vec<ExampleRef> =
+        epoch_batches(SamplerKind::RoundRobin, &[10, 30], &[3, 1], 4, 42, 0)
+            .into_iter()
+            .flatten()
+            .filter(|r| r.task == 0)
+            .collect();
+    for pass in a_rows.chunks(10) {
+        let unique: BTreeSet<ExampleRef> = pass.iter().copied().collect();
+        assert_eq!(unique.len(), 10, "each pass visits every example once");
+    }
 }
 
 #[test]
 fn shuffling_is_seeded_and_differs_by_epoch() {
     for kind in KINDS {
-        let a = epoch_batches(kind, &[50, 70], 8, 42, 1);
+        let a = epoch_batches(kind, &[50, 70], &[1, 1], 8, 42, 1);
         assert_eq!(
             a,
-            epoch_batches(kind, &[50, 70], 8, 42, 1),
+            epoch_batches(kind, &[50, 70], &[1, 1], 8, 42, 1),
             "{kind:?}: same seed, same order"
         );
         assert_ne!(
             a,
-            epoch_batches(kind, &[50, 70], 8, 42, 2),
+            epoch_batches(kind, &[50, 70], &[1, 1], 8, 42, 2),
             "{kind:?}: epochs differ"
         );
         assert_ne!(
             a,
-            epoch_batches(kind, &[50, 70], 8, 43, 1),
+            epoch_batches(kind, &[50, 70], &[1, 1], 8, 43, 1),
             "{kind:?}: seeds differ"
         );
     }
