@@ -113,7 +113,7 @@ impl SelfAttention {
                 }
                 crate::ops::attention(&qkv, mask, self.heads, dropout.as_ref())
             }
-            Tokens::Packed { lengths, .. } if x.device().is_cpu() => {
+            Tokens::Packed { lengths, .. } if !crate::ops::runs_kernels(x.device()) => {
                 let weights = self.heads * lengths.iter().map(|l| l * l).sum::<usize>();
                 let dropout = drop.multiplier(&weights.into(), x.dtype(), x.device(), pass)?;
                 attention_packed(&qkv, lengths, self.heads, dropout.as_ref())
@@ -422,9 +422,13 @@ impl BertEncoder {
             .layers
             .first()
             .map_or(0, |l| self.hidden_size / l.attention.heads.max(1));
-        self.pack_tokens
-            && ((device.is_cpu() && matches!(dtype, DType::F32 | DType::F64))
-                || (device.is_cuda() && packed_kernel_supports(dtype, head_size)))
+        // Under the host harness the CPU takes the GPU's path (the kernels).
+        let fused = if crate::ops::runs_kernels(device) {
+            packed_kernel_supports(dtype, head_size)
+        } else {
+            device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+        };
+        self.pack_tokens && fused
     }
 
     /// Turns packing off (`false`) or back on: the layers then run on the

@@ -151,8 +151,9 @@ impl Dense {
     /// other devices the product without its bias (candle's matmul: cuBLAS),
     /// then [`crate::ops::bias_gelu()`], which adds the bias and applies GELU
     /// in one pass forward and one backward (plus the bias gradient's reduction).
+    /// The host harness takes the second path, as a GPU does.
     pub fn forward_gelu_erf(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() {
+        if x.device().is_cpu() && !crate::ops::runs_kernels(x.device()) {
             return crate::ops::gelu_erf(&self.forward(x)?);
         }
         let (out_size, in_size) = self.weight.dims2()?;

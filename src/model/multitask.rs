@@ -330,7 +330,17 @@ impl TaskLoss {
     }
 }
 
-/// The losses of one batch.
+/// The dtype a model of `dtype` computes its losses in: f32 for f16 and bf16
+/// (mixed precision: the logits and cosines are upcast, so the losses, their
+/// sums and the gradient entering the model are f32), else `dtype` itself.
+pub fn loss_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// The losses of one batch, in [`loss_dtype`] of the model's dtype.
 #[derive(Debug, Clone)]
 pub struct Losses {
     /// `[T]`, in task order: a classification task's mean cross-entropy over
@@ -617,7 +627,7 @@ impl MultiTaskModel {
             );
         }
         let columns = self.label_columns();
-        let dtype = outputs.pooled.dtype();
+        let dtype = loss_dtype(outputs.pooled.dtype());
         let device = outputs.pooled.device();
         let mut per_task: Vec<Tensor> = Vec::with_capacity(self.tasks.len());
         let (mut total, mut check) = (None, LossCheck(None));
@@ -634,8 +644,10 @@ impl MultiTaskModel {
                     })
                 })
                 .collect();
+            // The logits are a few columns a row: upcasting them is cheap.
+            let logits = logits.to_dtype(dtype)?;
             let (ce, labels_checked) =
-                multi_head_cross_entropy_deferred(logits, labels, &ce_heads)?;
+                multi_head_cross_entropy_deferred(&logits, labels, &ce_heads)?;
             check = LossCheck(Some(labels_checked));
             for column in columns.iter().flatten() {
                 per_task.push(ce.per_head.get(*column)?);
@@ -653,7 +665,7 @@ impl MultiTaskModel {
                     let first = outputs.pooled.index_select(&p.first, 0)?;
                     let second = outputs.pooled.index_select(&p.second, 0)?;
                     let cos = crate::ops::cosine_similarity(&first, &second)?;
-                    cosent_loss(&cos, &p.scores)?
+                    cosent_loss(&cos.to_dtype(dtype)?, &p.scores)?
                 }
                 None => Tensor::zeros((), dtype, device)?,
             };

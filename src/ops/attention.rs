@@ -107,7 +107,7 @@ pub fn attention_packed(
     dropout: Option<&Tensor>,
 ) -> Result<Tensor> {
     check_packed(qkv, lengths, heads)?;
-    if kernel_path(qkv.device()) {
+    if super::runs_kernels(qkv.device()) {
         if dropout.is_some() {
             bail!(
                 "{OP}: the packed attention kernels draw their own dropout: \
@@ -157,16 +157,6 @@ fn check_packed(qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<usize> 
         );
     }
     Ok(rows)
-}
-
-/// Whether packed attention on `device` runs the kernels: on a CUDA device,
-/// and on the CPU inside `ops::host::run` (the host harness).
-fn kernel_path(device: &candle_core::Device) -> bool {
-    #[cfg(feature = "host-kernels")]
-    if device.is_cpu() && super::host::enabled() {
-        return true;
-    }
-    device.is_cuda() && cfg!(feature = "cuda")
 }
 
 /// Whether [`attention_packed`] can run on a CUDA device for `dtype` and
@@ -328,7 +318,7 @@ pub fn attention_packed_seeded(
     dropout: Option<SeededDropout>,
 ) -> Result<Tensor> {
     check_packed(qkv, lengths, heads)?;
-    if kernel_path(qkv.device()) {
+    if super::runs_kernels(qkv.device()) {
         return kernel_packed(qkv, lengths, heads, dropout);
     }
     let mask = match dropout {

@@ -66,3 +66,15 @@ pub use linear::linear;
 pub use mean_pool::masked_mean_pool;
 pub use multi_head_cross_entropy::{multi_head_cross_entropy, CeHead, MultiHeadLoss};
 pub use softmax::softmax_last_dim;
+
+/// Whether the fused ops on `device` run the `kernels/*.cu` kernels: on a CUDA
+/// device, and on the CPU inside `ops::host::run` (the host harness, which
+/// executes the same kernels under CUDA semantics). The model asks this too,
+/// so that under the harness it takes the path it takes on a GPU.
+pub fn runs_kernels(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "host-kernels")]
+    if device.is_cpu() && host::enabled() {
+        return true;
+    }
+    device.is_cuda()
+}

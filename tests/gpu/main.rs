@@ -5,8 +5,13 @@
 //! (set by `scripts/gpu/run.sh`) makes that a failure instead. The same tests
 //! run on the host harness in `tests/host_kernels` on every `cargo test`.
 
+// `common` and `train_support` both include `common/shared.rs`.
+#![allow(clippy::duplicate_mod)]
+
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../train_support/mod.rs"]
+mod train_support;
 
 #[path = "../kernels/adamw.rs"]
 mod adamw;
@@ -18,6 +23,8 @@ mod bias_gelu;
 mod cosine;
 #[path = "../kernels/cross_entropy.rs"]
 mod cross_entropy;
+#[path = "../kernels/encoder_training.rs"]
+mod encoder_training;
 #[path = "../kernels/layer_norm.rs"]
 mod layer_norm;
 #[path = "../kernels/mean_pool.rs"]

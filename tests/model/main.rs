@@ -1,7 +1,6 @@
 //! The model layer (`sentence_mtl::model`): the BERT encoder against
 //! candle-transformers and sentence-transformers, its fine-tuning path, bad
-//! model files and inputs, the encoder through the CUDA kernels on the host
-//! harness, the multi-task model's losses and freezing, semantic
+//! model files and inputs, the multi-task model's losses and freezing, semantic
 //! search and paraphrase mining, and the STS benchmark end to end.
 
 // Both support modules include `common/shared.rs` (the shared data's path).
@@ -15,7 +14,6 @@ mod train_support;
 mod bert_candle_parity;
 mod bert_finetune;
 mod encoder_bad_input;
-mod encoder_on_kernels;
 mod encoder_options;
 mod encoder_parity;
 mod multitask_model;

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use candle_core::{DType, Device};
 use sentence_mtl::data::{collate, tokenize_split, Example, Split, TaskData};
-use sentence_mtl::model::multitask::{Freeze, MultiTaskModel, TaskHead, TaskLoss};
+use sentence_mtl::model::multitask::{Freeze, Losses, MultiTaskModel, TaskHead, TaskLoss};
 use sentence_mtl::model::resolve_model;
 use sentence_mtl::model::tokenize::load_tokenizer;
 use sentence_mtl::train::{MultiTaskTrainer, TrainConfig};
@@ -40,10 +40,8 @@ fn model_and_rows(
     (model, rows, root)
 }
 
-fn losses(
-    model: &MultiTaskModel,
-    rows: &[&Example],
-) -> (Vec<f32>, candle_core::backprop::GradStore) {
+/// The two tasks' losses on `rows` (no dropout), weight 1 each.
+fn batch_losses(model: &MultiTaskModel, rows: &[&Example]) -> Losses {
     let batch = collate(rows, &model.label_columns(), 0, &Device::Cpu).unwrap();
     let outputs = model
         .forward(
@@ -54,9 +52,16 @@ fn losses(
             &Freeze::None,
         )
         .unwrap();
-    let losses = model
+    model
         .loss(&outputs, &batch.labels, &batch.pairs, &unit_losses(2))
-        .unwrap();
+        .unwrap()
+}
+
+fn losses(
+    model: &MultiTaskModel,
+    rows: &[&Example],
+) -> (Vec<f32>, candle_core::backprop::GradStore) {
+    let losses = batch_losses(model, rows);
     let grads = losses.total.backward().unwrap();
     (losses.per_task.to_vec1().unwrap(), grads)
 }
@@ -250,4 +255,33 @@ fn freezing_keeps_frozen_parameters_bit_identical() {
         assert_eq!(frozen, expected, "{freeze}");
     }
     std::fs::remove_dir_all(root).unwrap();
+}
+
+/// A bf16 model computes its losses in f32 (mixed precision): the losses are
+/// f32 tensors, close to the f32 model's, and the gradients reach the bf16
+/// weights.
+#[test]
+fn half_precision_losses_are_f32() {
+    let (model, rows, root) = model_and_rows("half-loss", 0.0);
+    let files = resolve_model(root.join("model").to_str().unwrap()).unwrap();
+    let tasks = [
+        TaskHead::classification("emotion", 4),
+        TaskHead::classification("sentiment", 3),
+    ];
+    let half = MultiTaskModel::new(&files, &tasks, 11, DType::BF16, &Device::Cpu).unwrap();
+    let batch: Vec<&Example> = rows[0][..3].iter().chain(&rows[1][..3]).collect();
+    let (want, got) = (batch_losses(&model, &batch), batch_losses(&half, &batch));
+    assert_eq!(got.per_task.dtype(), DType::F32);
+    assert_eq!(got.total.dtype(), DType::F32);
+    let want: Vec<f32> = want.per_task.to_vec1().unwrap();
+    let got_values: Vec<f32> = got.per_task.to_vec1().unwrap();
+    for (g, w) in got_values.iter().zip(&want) {
+        assert!((g - w).abs() <= 2e-2 * w.abs(), "bf16 loss {g} vs f32 {w}");
+    }
+    let grads = got.total.backward().unwrap();
+    let weight = &half.parameters()["encoder.layer.0.attention.self.query.weight"];
+    let g = grads
+        .get(weight.as_tensor())
+        .expect("a gradient for the bf16 weight");
+    assert_eq!(g.dtype(), DType::BF16);
 }

@@ -86,12 +86,24 @@ fn tokenizer(dir: &Path) -> Tokenizer {
 /// Writes a tiny BERT (hidden 32, 2 layers, 2 heads) with weights drawn from
 /// `seed` into `dir`; `dropout` is its hidden and attention dropout.
 pub fn tiny_model(dir: &Path, seed: u64, dropout: f64) -> PathBuf {
-    let (vocab, hidden, layers, inter, positions) = (vocabulary().len(), 32, 2, 64, 64);
+    tiny_model_sized(dir, seed, dropout, 32, 2)
+}
+
+/// [`tiny_model`] of `hidden` units in `heads` heads (the attention kernels
+/// take head sizes 32, 64 and 128), intermediate size `2·hidden`.
+pub fn tiny_model_sized(
+    dir: &Path,
+    seed: u64,
+    dropout: f64,
+    hidden: usize,
+    heads: usize,
+) -> PathBuf {
+    let (vocab, layers, inter, positions) = (vocabulary().len(), 2, 2 * hidden, 64);
     std::fs::create_dir_all(dir).unwrap();
     let config = serde_json::json!({
         "architectures": ["BertModel"], "model_type": "bert",
         "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
-        "num_attention_heads": 2, "intermediate_size": inter, "hidden_act": "gelu",
+        "num_attention_heads": heads, "intermediate_size": inter, "hidden_act": "gelu",
         "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
         "max_position_embeddings": positions, "type_vocab_size": 2, "initializer_range": 0.02,
         "layer_norm_eps": 1e-12, "pad_token_id": 0, "position_embedding_type": "absolute",

@@ -193,7 +193,7 @@ pub fn cosine_top_k(queries: &Tensor, corpus: &Tensor, k: usize) -> Result<TopK>
         );
     }
     let k = k.min(m);
-    if kernel_path(queries.device()) && k > MAX_TOP_K_ON_GPU {
+    if super::runs_kernels(queries.device()) && k > MAX_TOP_K_ON_GPU {
         candle_core::bail!("{TOP_K}: k = {k} is more than the GPU's {MAX_TOP_K_ON_GPU}");
     }
     let packed =
@@ -229,21 +229,11 @@ fn check_pair(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
 /// any layout as it is.
 fn for_kernels(t: &Tensor) -> Result<Tensor> {
     let unit_rows = t.stride().last() == Some(&1) || t.dims().last().is_some_and(|&h| h <= 1);
-    if kernel_path(t.device()) && !unit_rows {
+    if super::runs_kernels(t.device()) && !unit_rows {
         t.contiguous()
     } else {
         Ok(t.clone())
     }
-}
-
-/// True where the ops run the CUDA kernels: on CUDA, and on the CPU under the
-/// host harness (`ops::host::run`).
-fn kernel_path(device: &candle_core::Device) -> bool {
-    #[cfg(feature = "host-kernels")]
-    if device.is_cpu() && super::host::enabled() {
-        return true;
-    }
-    device.is_cuda()
 }
 
 /// `[N,H]` views of two inputs with the same H (and, if `same_rows`, the same N).

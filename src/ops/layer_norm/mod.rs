@@ -28,7 +28,7 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "host-kernels"))]
@@ -92,7 +92,7 @@ pub fn layer_norm_residual(
     }
     check_same_dtype(OP_RESIDUAL, ("x", x), ("residual", residual))?;
     check_same_device(OP_RESIDUAL, ("x", x), ("residual", residual))?;
-    if !kernel_path(x.device()) {
+    if !super::runs_kernels(x.device()) {
         return layer_norm(&(x + residual)?, weight, bias, eps);
     }
     // CustomOp3 takes three tensors: weight and bias travel as one [2H].
@@ -130,16 +130,6 @@ fn check_inputs(op: &str, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) 
         candle_core::bail!("{op}: eps must be positive, got {eps}");
     }
     Ok(())
-}
-
-/// Whether the ops on `device` run the kernels: on CUDA, and on the CPU
-/// inside `ops::host::run`.
-fn kernel_path(device: &Device) -> bool {
-    #[cfg(feature = "host-kernels")]
-    if device.is_cpu() && super::host::enabled() {
-        return true;
-    }
-    device.is_cuda()
 }
 
 /// The forward's per-row statistics `[mean (rows) | rstd (rows)]` in the
