@@ -1,5 +1,5 @@
 //! CUDA criterion benchmarks (`--features cuda`): each fused op against the same computation composed from
-//! candle's tensor ops. One module per op.
+//! candle's tensor ops. One module per op, and a whole training step (`train_step`).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -11,10 +11,12 @@ mod cross_entropy;
 mod layer_norm;
 mod mean_pool;
 mod multi_head_cross_entropy;
+mod train_step;
 
 fn all(c: &mut Criterion) {
     // Issue 13's targets first (the GPU run's bench step has a time cap;
     // BENCH_FILTER in scripts/gpu/run.sh picks others).
+    train_step::benches(c);
     attention::benches(c);
     layer_norm::benches(c);
     adamw::benches(c);
