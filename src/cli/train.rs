@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use super::device::DeviceArgs;
 use crate::data::SamplerKind;
 use crate::model::multitask::Freeze;
+use crate::model::Pooling;
 use crate::train::{ClassWeighting, MultiTaskTrainer, OverfitConfig, TaskSpec, TrainConfig};
 
 /// The options of `sentence-mtl train`.
@@ -101,6 +102,10 @@ pub struct TrainArgs {
     /// (`n / (k·n_c)` on the training split).
     #[arg(long, value_enum, default_value_t = ClassWeighting::None)]
     pub class_weighting: ClassWeighting,
+    /// How token states become the sentence vector the heads read (one mode;
+    /// mean is the recipe's).
+    #[arg(long, value_enum, default_value_t = Pooling::Mean)]
+    pub pooling: Pooling,
     /// Stop after this many steps (writing a checkpoint); `--resume` carries on.
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -175,6 +180,7 @@ impl TrainArgs {
             sampler: self.sampler,
             seed: self.seed,
             class_weighting: self.class_weighting,
+            pooling: self.pooling,
             max_steps: self.max_steps,
             checkpoint_every: self.checkpoint_every,
             overfit: self.overfit_batch.map(|batch_size| OverfitConfig {
@@ -286,6 +292,8 @@ mod tests {
             })
         );
         assert_eq!(config.freeze, Freeze::Lower(2));
+        let cls = Cli::parse_from(["train", "--data", "d", "--pooling", "cls"]).train;
+        assert_eq!(cls.to_config().unwrap().pooling, Pooling::Cls);
         assert!(Cli::try_parse_from(["train", "--data", "d", "--freeze", "some"]).is_err());
     }
 

@@ -153,7 +153,10 @@ pub fn check_bert_config(config: &BertConfig) -> anyhow::Result<()> {
 /// sentence-transformers' `Pooling` (`1_Pooling/config.json`; see
 /// [`super::pooling`] for each one's padding rule). Also the CLI's `--pooling`
 /// value, which takes the `pooling_mode_*` names too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum Pooling {
     /// The hidden state of the first token, `[CLS]`.
     #[value(alias = "cls_token")]

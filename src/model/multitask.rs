@@ -28,8 +28,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::bert::BertEncoder;
-use super::{load_trainable, ModelFiles};
-use crate::ops::masked_mean_pool;
+use super::pooling::pool;
+use super::{load_trainable, ModelFiles, Pooling};
 use crate::ops::multi_head_cross_entropy::{multi_head_cross_entropy_deferred, CeHead, LabelCheck};
 
 /// What a task trains: a classifier head, or the embedding's similarities.
@@ -394,6 +394,9 @@ struct LinearHead {
 /// (`embeddings.…`, `encoder.layer.{i}.…`, `heads.{task}.weight`, `heads.{task}.bias`).
 pub struct MultiTaskModel {
     encoder: BertEncoder,
+    /// How token states become the sentence vector the heads read (mean by
+    /// default, the recipe's).
+    pooling: Pooling,
     tasks: Vec<TaskHead>,
     /// `heads[t]` for task `t`, `None` for a similarity task.
     heads: Vec<Option<LinearHead>>,
@@ -507,10 +510,23 @@ impl MultiTaskModel {
         };
         Ok(Self {
             encoder,
+            pooling: Pooling::Mean,
             tasks: tasks.to_vec(),
             heads,
             vars,
         })
+    }
+
+    /// The model pooling by `pooling` (one mode: the heads read `hidden`
+    /// values) instead of the masked mean.
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// How the model pools token states into sentence vectors.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
     }
 
     /// The shared BERT backbone.
@@ -571,7 +587,7 @@ impl MultiTaskModel {
             train,
             frozen_layers,
         )?;
-        let pooled = masked_mean_pool(&hidden, attention_mask)?;
+        let pooled = pool(&hidden, attention_mask, &[self.pooling])?;
         // One product for all heads: their weights stacked, frozen ones detached.
         let (mut weights, mut biases) = (Vec::new(), Vec::new());
         for (t, head) in self.heads.iter().enumerate() {

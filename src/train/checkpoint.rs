@@ -123,7 +123,8 @@ pub fn load(
         Some(dtype) => dtype,
         None => info.dtype()?,
     };
-    let model = MultiTaskModel::load(&files, &info.tasks, dtype, device)?;
+    let model =
+        MultiTaskModel::load(&files, &info.tasks, dtype, device)?.with_pooling(info.config.pooling);
     let tokenizer = load_tokenizer(&files, info.max_len)?;
     Ok(LoadedCheckpoint {
         dir,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamWParams;
 use crate::data::{SamplerKind, TaskKind};
 use crate::model::multitask::Freeze;
+use crate::model::Pooling;
 
 /// One task of a run: its name, folder, kind, weight in the total loss and
 /// passes over its training split per epoch.
@@ -27,6 +28,10 @@ pub struct TaskSpec {
     /// above 1 oversamples a small task (more of its batches per epoch).
     #[serde(default = "one_pass")]
     pub passes: usize,
+}
+
+fn mean_pooling() -> Pooling {
+    Pooling::Mean
 }
 
 /// Checkpoints from before `passes` existed ran one pass per epoch.
@@ -183,6 +188,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// How classification tasks weigh their classes.
     pub class_weighting: ClassWeighting,
+    /// How the model pools token states into the sentence vector its heads
+    /// (and similarity tasks) read; runs from before this setting used mean.
+    #[serde(default = "mean_pooling")]
+    pub pooling: Pooling,
     /// Stop after this many optimiser steps in all (a checkpoint is written at
     /// the stop); the schedule is still that of the full run, so `--resume`
     /// carries on as if it had not stopped.
@@ -240,6 +249,7 @@ impl Default for TrainConfig {
             sampler: SamplerKind::Proportional,
             seed: 42,
             class_weighting: ClassWeighting::None,
+            pooling: Pooling::Mean,
             max_steps: None,
             checkpoint_every: None,
             overfit: None,

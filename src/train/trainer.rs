@@ -221,11 +221,13 @@ impl MultiTaskTrainer {
                 describe_heads(&heads)
             );
             let files = checkpoint::model_files(&dir);
-            let model = MultiTaskModel::load(&files, &heads, self.dtype, &self.device)?;
+            let model = MultiTaskModel::load(&files, &heads, self.dtype, &self.device)?
+                .with_pooling(config.pooling);
             (model, files, Some(dir))
         } else {
             let files = resolve_model(&config.model)?;
-            let model = MultiTaskModel::new(&files, &heads, config.seed, self.dtype, &self.device)?;
+            let model = MultiTaskModel::new(&files, &heads, config.seed, self.dtype, &self.device)?
+                .with_pooling(config.pooling);
             (model, files, None)
         };
         let tokenizer = load_tokenizer(&model_files, config.max_len)?;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use sentence_mtl::data::Split;
 use sentence_mtl::model::tokenize::{tokenize, Tokens};
+use sentence_mtl::model::{MultiTaskModel, Pooling};
 use sentence_mtl::train::evaluate::predict;
 use sentence_mtl::train::evaluate::predict_probabilities;
 use sentence_mtl::train::{checkpoint, MultiTaskTrainer, TrainConfig, TrainReport, TrainState};
@@ -132,6 +133,39 @@ fn a_checkpoint_predicts_what_the_trained_model_predicts() {
             .unwrap()
             .count,
         6
+    );
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// A run that pools by `[CLS]` records it: its checkpoint pools the same way
+/// (the trained model's very probabilities), not by the default mean.
+#[test]
+fn a_checkpoint_keeps_its_pooling() {
+    let root = fixtures("pooling");
+    let cfg = TrainConfig {
+        max_steps: Some(3),
+        pooling: Pooling::Cls,
+        ..config(&root, "run")
+    };
+    let mut trainer = MultiTaskTrainer::new(cfg, Device::Cpu, DType::F32).unwrap();
+    trainer.setup().unwrap();
+    trainer.train().unwrap();
+    assert_eq!(trainer.model().unwrap().pooling(), Pooling::Cls);
+    trainer.save_checkpoint().unwrap();
+    let loaded = checkpoint::load(&root.join("run"), &Device::Cpu, None).unwrap();
+    assert_eq!(loaded.model.pooling(), Pooling::Cls);
+    let texts = ["so happy today", "the worst game of my life"].map(String::from);
+    let tokens = tokenize(&loaded.tokenizer, &texts).unwrap();
+    let rows: Vec<&Tokens> = tokens.iter().collect();
+    let probabilities =
+        |model: &MultiTaskModel| predict_probabilities(model, &rows, 0, 2, &Device::Cpu).unwrap();
+    let restored = probabilities(&loaded.model);
+    assert_eq!(probabilities(trainer.model().unwrap()), restored);
+    let by_mean = loaded.model.with_pooling(Pooling::Mean);
+    assert_ne!(
+        probabilities(&by_mean),
+        restored,
+        "the pooling changes the outputs"
     );
     std::fs::remove_dir_all(root).unwrap();
 }
