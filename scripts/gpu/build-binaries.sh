@@ -59,8 +59,18 @@ cargo test --release --no-default-features --features cuda --test gpu --bench cu
 done
 ls gpu-bin/bin/gpu gpu-bin/bin/cuda_ops >/dev/null
 
+# The whole-model benches' data (the GPU machine has neither the model cache
+# nor ../shared): the real tokenizer and every TweetEval tweet, for
+# SENTENCE_MTL_BENCH_DATA in scripts/gpu/run.sh.
+mkdir -p gpu-bin/bin/data
+scripts/fetch-model.sh >/dev/null
+cache=${SENTENCE_MTL_CACHE:-$HOME/.cache/sentence-mtl}
+cp "$cache/models/sentence-transformers/all-MiniLM-L6-v2/tokenizer.json" gpu-bin/bin/data/
+cat ../shared/data/tweeteval/{emotion,sentiment}/{train,val,test}_text.txt >gpu-bin/bin/data/tweets.txt
+wc -l gpu-bin/bin/data/tweets.txt
+
 echo "== portable CPU level: no AVX-512 instruction"
-for exe in gpu-bin/bin/*; do
+for exe in gpu-bin/bin/gpu gpu-bin/bin/cuda_ops; do
   n=$(objdump -d --no-show-raw-insn "$exe" | grep -cE '%zmm|%k[1-7]' || true)
   echo "$(basename "$exe"): $n AVX-512 instructions"
   [ "$n" = 0 ] || { echo "error: $exe uses AVX-512" >&2; exit 1; }

@@ -34,7 +34,8 @@ SENTENCE_MTL_REQUIRE_GPU=1 timeout "${TEST_TIMEOUT:-150}" "$BIN/bin/gpu" --test-
 tests_rc=${PIPESTATUS[0]}
 
 echo "== CUDA benches"
-(cd "$BIN" && timeout "${BENCH_TIMEOUT:-210}" "$BIN/bin/cuda_ops" --bench --noplot \
+(cd "$BIN" && SENTENCE_MTL_BENCH_DATA="$BIN/bin/data" \
+  timeout "${BENCH_TIMEOUT:-210}" "$BIN/bin/cuda_ops" --bench --noplot \
   --warm-up-time 1 --measurement-time 2 ${BENCH_FILTER:-}) 2>&1 | tee "$OUT/cuda-bench.log"
 bench_rc=${PIPESTATUS[0]}
 
