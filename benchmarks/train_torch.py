@@ -16,6 +16,16 @@ on stdout (the same keys as `sentence-mtl train`'s line where they overlap).
     pip install torch transformers
     python benchmarks/train_torch.py --data ../shared/data/tweeteval --threads 2
     python benchmarks/train_torch.py --data ../shared/data/tweeteval --max-steps 20   # speed only
+
+On a GPU, the side of issue 13's training-step target (PyTorch eager, bf16
+autocast; random weights from the model folder's config.json where the weights
+are not there, as on the GPU machine; a step's time does not depend on them):
+
+    python benchmarks/train_torch.py --data DIR --device cuda --bf16 --random-init --max-steps 60
+
+On CUDA every step ends with a synchronisation (as `sentence-mtl train` reads
+its losses back each step) and the JSON line adds `median_step_seconds` over
+the steps after the first five (warm-up: cuBLAS handles, allocator).
 """
 
 import argparse
@@ -29,7 +39,7 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
 
 IGNORE_INDEX = -100
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -63,9 +73,12 @@ def load_mapping(data, task):
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, name, num_a, num_b):
+    def __init__(self, name, num_a, num_b, random_init=False):
         super().__init__()
-        self.encoder = AutoModel.from_pretrained(name)
+        if random_init:
+            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(name))
+        else:
+            self.encoder = AutoModel.from_pretrained(name)
         hidden = self.encoder.config.hidden_size
         self.head_a = nn.Linear(hidden, num_a)
         self.head_b = nn.Linear(hidden, num_b)
@@ -106,8 +119,15 @@ def metrics(labels, predictions, num_classes):
     }
 
 
-def encode(tokenizer, texts, max_len):
-    return tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+def encode(tokenizer, texts, max_len, device="cpu"):
+    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def autocast(args):
+    """bf16 autocast on CUDA with --bf16 (matmuls in bf16, reductions and
+    losses in f32: PyTorch's mixed precision), else nothing."""
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
 
 
 @torch.no_grad()
@@ -115,8 +135,9 @@ def evaluate(model, tokenizer, texts, labels, head, num_classes, args):
     model.eval()
     predictions = []
     for i in range(0, len(texts), args.eval_batch_size):
-        enc = encode(tokenizer, texts[i : i + args.eval_batch_size], args.max_len)
-        logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[head]
+        enc = encode(tokenizer, texts[i : i + args.eval_batch_size], args.max_len, args.device)
+        with autocast(args):
+            logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[head]
         predictions.extend(logits.argmax(-1).tolist())
     model.train()
     return metrics(labels, predictions, num_classes)
@@ -139,7 +160,12 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (speed only)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--random-init", action="store_true", help="random weights from the folder's config.json")
     args = p.parse_args()
+    if args.bf16 and args.device == "cpu":
+        p.error("--bf16 needs --device cuda")
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -154,8 +180,9 @@ def main():
     union = [(text, h, label) for h in (0, 1) for text, label in zip(*train[h])]
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = MultiTaskModel(args.model, len(names[0]), len(names[1]))
+    model = MultiTaskModel(args.model, len(names[0]), len(names[1]), args.random_init).to(args.device)
     model.train()
+    on_cuda = args.device.startswith("cuda")
     heads = list(model.head_a.parameters()) + list(model.head_b.parameters())
     groups = [{"params": heads, "lr": args.head_lr}]
     if args.freeze_backbone:
@@ -169,7 +196,7 @@ def main():
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total), total)
     generator = torch.Generator().manual_seed(args.seed)
 
-    step, train_seconds, stopped, val_metrics = 0, 0.0, False, None
+    step, train_seconds, stopped, val_metrics, step_seconds = 0, 0.0, False, None, []
     for epoch in range(args.epochs):
         order = torch.randperm(len(union), generator=generator).tolist()
         started = time.perf_counter()
@@ -178,17 +205,24 @@ def main():
             if args.max_steps is not None and step >= args.max_steps:
                 stopped = True
                 break
+            step_started = time.perf_counter()
             rows = [union[j] for j in order[i : i + args.batch_size]]
-            enc = encode(tokenizer, [r[0] for r in rows], args.max_len)
+            enc = encode(tokenizer, [r[0] for r in rows], args.max_len, args.device)
             labels = torch.full((len(rows), 2), IGNORE_INDEX, dtype=torch.long)
             for k, (_, h, label) in enumerate(rows):
                 labels[k, h] = label
-            logits_a, logits_b = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-            loss = head_loss(logits_a, labels[:, 0]) + head_loss(logits_b, labels[:, 1])
+            labels = labels.to(args.device)
+            with autocast(args):
+                logits_a, logits_b = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+            # The losses in f32, as autocast leaves them.
+            loss = head_loss(logits_a.float(), labels[:, 0]) + head_loss(logits_b.float(), labels[:, 1])
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if on_cuda:
+                torch.cuda.synchronize()
+            step_seconds.append(time.perf_counter() - step_started)
             step += 1
             steps_this_epoch += 1
         seconds = time.perf_counter() - started
@@ -224,6 +258,9 @@ def main():
                 "stopped_early": stopped,
                 "train_seconds": train_seconds,
                 "seconds_per_step": train_seconds / max(step, 1),
+                "median_step_seconds": float(np.median(step_seconds[5:])) if len(step_seconds) > 5 else None,
+                "device": torch.cuda.get_device_name() if on_cuda else "cpu",
+                "bf16": args.bf16,
                 "val": val_metrics,
                 "test": test_metrics,
             }

@@ -61,11 +61,17 @@ ls gpu-bin/bin/gpu gpu-bin/bin/cuda_ops >/dev/null
 
 # The whole-model benches' data (the GPU machine has neither the model cache
 # nor ../shared): the real tokenizer and every TweetEval tweet, for
-# SENTENCE_MTL_BENCH_DATA in scripts/gpu/run.sh.
-mkdir -p gpu-bin/bin/data
+# SENTENCE_MTL_BENCH_DATA in scripts/gpu/run.sh; and for PyTorch's side of the
+# training step (benchmarks/train_torch.py --random-init), MiniLM's folder
+# without its weights and the TweetEval folder.
+mkdir -p gpu-bin/bin/data/minilm
 scripts/fetch-model.sh >/dev/null
-cache=${SENTENCE_MTL_CACHE:-$HOME/.cache/sentence-mtl}
-cp "$cache/models/sentence-transformers/all-MiniLM-L6-v2/tokenizer.json" gpu-bin/bin/data/
+minilm=${SENTENCE_MTL_CACHE:-$HOME/.cache/sentence-mtl}/models/sentence-transformers/all-MiniLM-L6-v2
+for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do
+  cp "$minilm/$f" gpu-bin/bin/data/minilm/
+done
+cp gpu-bin/bin/data/minilm/tokenizer.json gpu-bin/bin/data/
+cp -r ../shared/data/tweeteval gpu-bin/bin/data/tweeteval
 cat ../shared/data/tweeteval/{emotion,sentiment}/{train,val,test}_text.txt >gpu-bin/bin/data/tweets.txt
 wc -l gpu-bin/bin/data/tweets.txt
 

@@ -3,9 +3,11 @@
 # scripts/gpu/build-binaries.sh) beside it: the GPU-vs-CPU kernel tests (none
 # may skip: SENTENCE_MTL_REQUIRE_GPU=1 makes a missing device a failure), then
 # the CUDA benches. Everything lands in $OUT (default /tmp/sentence-mtl-gpu):
-# run.log (all of it), gpu-tests.log, cuda-bench.log and summary.json (device,
-# test counts and failures, every bench median line). Sized to finish within
-# 6 minutes: TEST_TIMEOUT (default 150 s) and BENCH_TIMEOUT (default 210 s) cap the two steps.
+# run.log (all of it), gpu-tests.log, cuda-bench.log, summary.json (device,
+# test counts and failures, every bench median line) and, where the machine
+# has PyTorch with CUDA, torch-train-step.jsonl (benchmarks/train_torch.py).
+# Sized to finish within 8 minutes: TEST_TIMEOUT (default 150 s), BENCH_TIMEOUT
+# (default 210 s) and TORCH_TIMEOUT (default 90 s, twice) cap the steps.
 set -uo pipefail
 OUT=${OUT:-/tmp/sentence-mtl-gpu}
 mkdir -p "$OUT"
@@ -38,6 +40,17 @@ echo "== CUDA benches"
   timeout "${BENCH_TIMEOUT:-210}" "$BIN/bin/cuda_ops" --bench --noplot \
   --warm-up-time 1 --measurement-time 2 ${BENCH_FILTER:-}) 2>&1 | tee "$OUT/cuda-bench.log"
 bench_rc=${PIPESTATUS[0]}
+
+echo "== PyTorch's training step (eager; random weights; the same batches and recipe)"
+if python3 -c 'import torch, transformers; assert torch.cuda.is_available()' 2>/dev/null; then
+  for precision in --bf16 ""; do
+    timeout "${TORCH_TIMEOUT:-90}" python3 benchmarks/train_torch.py --data "$BIN/bin/data/tweeteval" \
+      --model "$BIN/bin/data/minilm" --random-init --device cuda $precision --max-steps 60 \
+      | tee -a "$OUT/torch-train-step.jsonl"
+  done
+else
+  echo "no PyTorch with CUDA on this machine: the training step's PyTorch side not run"
+fi
 
 echo "tests exit $tests_rc, benches exit $bench_rc"
 python3 - "$OUT" "$tests_rc" "$bench_rc" <<'EOF' || echo "no python3: summary.json not written"
