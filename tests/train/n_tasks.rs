@@ -317,3 +317,25 @@ fn layer_decay_scales_each_layers_learning_rate() {
     assert_eq!(counted, trainer.model().unwrap().parameters().len());
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// `passes` reaches the trainer's epochs: emotion's 24 training rows three
+/// times and sentiment's 24 once make 96 rows, 12 batches of 8 (6 without).
+#[test]
+fn task_passes_lengthen_the_epoch() {
+    let root = setup("passes");
+    let steps = |passes: usize| {
+        let mut tasks = TrainConfig::tweeteval_tasks(&root.join("data"), "emotion", "sentiment");
+        tasks[0].passes = passes;
+        let config = TrainConfig {
+            tasks,
+            epochs: 1,
+            ..tiny_config(&root.join("model"), &root.join("data"))
+        };
+        let mut trainer = MultiTaskTrainer::new(config, Device::Cpu, DType::F32).unwrap();
+        trainer.setup().unwrap();
+        trainer.train().unwrap().steps
+    };
+    assert_eq!(steps(1), 6);
+    assert_eq!(steps(3), 12);
+    std::fs::remove_dir_all(root).unwrap();
+}
