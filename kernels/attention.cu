@@ -4,10 +4,13 @@
 // memory and keeps a running max and sum per query row (online softmax).
 //
 // Input: qkv [N, 3H] (row stride `rs`, unit column stride), the sentences'
-// tokens one after the other; `offsets` [S+1] (i64) the prefix sums of their
-// lengths. Head h of token i: q at column h*D, k at H + h*D, v at 2H + h*D.
-// Every token attends to the tokens of its own sentence, with weights
-// softmax(q·kᵀ/√D) (f32 for f32/f16/bf16, f64 for f64), then dropout.
+// tokens one after the other; `offsets` [2S+1] (i64): the S+1 prefix sums of
+// their lengths, then each sentence's key count K_s. Head h of token i: q at
+// column h*D, k at H + h*D, v at 2H + h*D. Every token attends to the first
+// K_s tokens of its own sentence (K_s = its length when packed; the real
+// tokens of a right-padded row, whose padding keys then get weight 0 and
+// dK = dV = 0), with weights softmax(q·kᵀ/√D) (f32 for f32/f16/bf16, f64 for
+// f64), then dropout.
 //
 //   forward:  out [N, H] (contiguous), lse [heads, N] (log Σ exp of each row's
 //             scaled scores, in the accumulation type) for the backward.
@@ -77,6 +80,11 @@ struct Dropout {
   }
 };
 
+// The key count of this block's sentence (x = sentence; S = gridDim.x).
+__device__ __forceinline__ int key_count(const long long *__restrict__ offsets) {
+  return (int)offsets[gridDim.x + 1 + blockIdx.x];
+}
+
 // Rows r0 .. r0+ROWS-1 of a head slice (row stride rs, D wide) into shared
 // `dst` (row stride LD), times `mul`; rows at or past `len` are zeros.
 template <typename T, typename A, int D, int ROWS, int LD>
@@ -104,6 +112,7 @@ __device__ __forceinline__ void attention_forward(const T *__restrict__ qkv, lon
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long start = offsets[blockIdx.x];
   const int len = (int)(offsets[blockIdx.x + 1] - start);
+  const int keys = key_count(offsets);
   const int q0 = blockIdx.y * BQ;
   if (q0 >= len) return;
   const int h = blockIdx.z;
@@ -124,10 +133,10 @@ __device__ __forceinline__ void attention_forward(const T *__restrict__ qkv, lon
     for (int c = 0; c < C; ++c) acc[r][c] = A(0);
   }
 
-  for (int k0 = 0; k0 < len; k0 += TILE) {
+  for (int k0 = 0; k0 < keys; k0 += TILE) {
     __syncthreads();  // the previous tile is consumed
-    stage_rows<T, A, D, TILE, D + 1>(&k_s[0][0], k_base, rs, k0, len, A(1));
-    stage_rows<T, A, D, TILE, D>(&v_s[0][0], v_base, rs, k0, len, A(1));
+    stage_rows<T, A, D, TILE, D + 1>(&k_s[0][0], k_base, rs, k0, keys, A(1));
+    stage_rows<T, A, D, TILE, D>(&v_s[0][0], v_base, rs, k0, keys, A(1));
     __syncthreads();
     const int key = k0 + lane;
     A s[R];
@@ -141,7 +150,7 @@ __device__ __forceinline__ void attention_forward(const T *__restrict__ qkv, lon
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const A sr = key < len ? s[r] : no_score<A>();
+      const A sr = key < keys ? s[r] : no_score<A>();
       const A m_new = max(m[r], warp_max(sr));
       const A p = exp(sr - m_new);
       const A correction = exp(m[r] - m_new);
@@ -150,7 +159,7 @@ __device__ __forceinline__ void attention_forward(const T *__restrict__ qkv, lon
       for (int c = 0; c < C; ++c) acc[r][c] *= correction;
       m[r] = m_new;
       const int qi = q0 + warp * R + r;
-      p_s[warp][r][lane] = key < len ? p * drop.at<A>(start + qi, start + key) : A(0);
+      p_s[warp][r][lane] = key < keys ? p * drop.at<A>(start + qi, start + key) : A(0);
     }
     __syncwarp();
 #pragma unroll 4
@@ -221,6 +230,7 @@ __device__ __forceinline__ void attention_bwd_dkdv(const T *__restrict__ qkv, lo
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long start = offsets[blockIdx.x];
   const int len = (int)(offsets[blockIdx.x + 1] - start);
+  const int keys = key_count(offsets);
   const int k0 = blockIdx.y * BK;
   if (k0 >= len) return;
   const int h = blockIdx.z;
@@ -238,7 +248,8 @@ __device__ __forceinline__ void attention_bwd_dkdv(const T *__restrict__ qkv, lo
 #pragma unroll
     for (int c = 0; c < C; ++c) dk[r][c] = dv[r][c] = A(0);
 
-  for (int i0 = 0; i0 < len; i0 += TILE) {
+  // A tile of masked keys only (k0 >= keys) takes no weight: dK = dV = 0.
+  for (int i0 = 0; k0 < keys && i0 < len; i0 += TILE) {
     __syncthreads();
     stage_rows<T, A, D, TILE, D + 1>(&q_s[0][0], q_base, rs, i0, len, scale);
     stage_rows<T, A, D, TILE, D + 1>(&do_s[0][0], do_base, hidden, i0, len, A(1));
@@ -262,7 +273,7 @@ __device__ __forceinline__ void attention_bwd_dkdv(const T *__restrict__ qkv, lo
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int key = k0 + warp * R + r;
-      const bool valid = q_in && key < len;
+      const bool valid = q_in && key < keys;
       const A p = valid ? exp(s[r] - row_lse) : A(0);
       const A mult = valid ? drop.at<A>(start + qi, start + key) : A(0);
       pm_s[warp][r][lane] = p * mult;
@@ -324,6 +335,7 @@ __device__ __forceinline__ void attention_bwd_dq(const T *__restrict__ qkv, long
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long start = offsets[blockIdx.x];
   const int len = (int)(offsets[blockIdx.x + 1] - start);
+  const int keys = key_count(offsets);
   const int q0 = blockIdx.y * BQ;
   if (q0 >= len) return;
   const int h = blockIdx.z;
@@ -345,10 +357,10 @@ __device__ __forceinline__ void attention_bwd_dq(const T *__restrict__ qkv, long
     for (int c = 0; c < C; ++c) dq[r][c] = A(0);
   }
 
-  for (int k0 = 0; k0 < len; k0 += TILE) {
+  for (int k0 = 0; k0 < keys; k0 += TILE) {
     __syncthreads();
-    stage_rows<T, A, D, TILE, D + 1>(&k_s[0][0], q_base + hidden, rs, k0, len, A(1));
-    stage_rows<T, A, D, TILE, D + 1>(&v_s[0][0], q_base + 2 * hidden, rs, k0, len, A(1));
+    stage_rows<T, A, D, TILE, D + 1>(&k_s[0][0], q_base + hidden, rs, k0, keys, A(1));
+    stage_rows<T, A, D, TILE, D + 1>(&v_s[0][0], q_base + 2 * hidden, rs, k0, keys, A(1));
     __syncthreads();
     const int key = k0 + lane;
     A s[R], dp[R];
@@ -366,7 +378,7 @@ __device__ __forceinline__ void attention_bwd_dq(const T *__restrict__ qkv, long
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int qi = q0 + warp * R + r;
-      const bool valid = qi < len && key < len;
+      const bool valid = qi < len && key < keys;
       const A p = valid ? exp(s[r] - row_lse[r]) : A(0);
       const A mult = valid ? drop.at<A>(start + qi, start + key) : A(0);
       ds_s[warp][r][lane] = p * (dp[r] * mult - row_dd[r]);

@@ -3,7 +3,9 @@
 //! (`attention_packed` on `[N, 3H]` with the sentence lengths) against
 //! `attention_composed` on the same batch padded to `[B, T, 3H]` (every token
 //! real, so both do the same arithmetic), forward, and forward+backward
-//! through autograd (with and without the kernels' own dropout).
+//! through autograd (with and without the kernels' own dropout). `padded` is
+//! the padded op, `attention`, which runs the same kernels on `[B, T, 3H]`
+//! for a right-padded mask (its cost over `fused`: reading the mask back).
 //!
 //! Each timed batch runs `iters` ops back to back over a few input sets and
 //! synchronises the device before the clock stops. The composed forward uses
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use criterion::{black_box, BenchmarkId, Criterion};
 use sentence_mtl::ops::attention::{
-    attention_composed, attention_packed, attention_packed_seeded, SeededDropout,
+    attention, attention_composed, attention_packed, attention_packed_seeded, SeededDropout,
 };
 
 const SENTENCES: usize = 32;
@@ -38,6 +40,10 @@ type Op = fn(&Inputs) -> Result<Tensor>;
 
 fn fused(x: &Inputs) -> Result<Tensor> {
     attention_packed(&x.packed, &x.lengths, HEADS, None)
+}
+
+fn padded(x: &Inputs) -> Result<Tensor> {
+    attention(&x.padded, &x.mask, HEADS, None)
 }
 
 fn composed(x: &Inputs) -> Result<Tensor> {
@@ -66,6 +72,10 @@ fn fused_dropout_forward_backward(x: &Inputs) -> Result<Tensor> {
     gradient(out, &x.packed)
 }
 
+fn padded_forward_backward(x: &Inputs) -> Result<Tensor> {
+    gradient(padded(x)?, &x.padded)
+}
+
 fn composed_forward_backward(x: &Inputs) -> Result<Tensor> {
     let out = attention_composed(
         &x.padded,
@@ -77,10 +87,11 @@ fn composed_forward_backward(x: &Inputs) -> Result<Tensor> {
     gradient(out, &x.padded)
 }
 
-const FORWARD: [(&str, Op); 2] = [("fused", fused), ("composed", composed)];
-const FORWARD_BACKWARD: [(&str, Op); 3] = [
+const FORWARD: [(&str, Op); 3] = [("fused", fused), ("padded", padded), ("composed", composed)];
+const FORWARD_BACKWARD: [(&str, Op); 4] = [
     ("fused", fused_forward_backward),
     ("fused_dropout", fused_dropout_forward_backward),
+    ("padded", padded_forward_backward),
     ("composed", composed_forward_backward),
 ];
 

@@ -24,12 +24,17 @@
 //! a sentence with no real token attends to all its positions, as it does under
 //! an additive bias that is the same for every key.
 //!
-//! f32 and f64 run the fused op on the CPU; f16, bf16 and other devices compose
-//! candle ops ([`attention_composed`]), except [`attention_packed`], which on a
-//! CUDA device (and on the host harness, inside `ops::host::run`) runs the
-//! flash-attention style kernels of `kernels/attention.cu` in f32, f16, bf16
-//! and f64 (head sizes 32, 64, 128; f64 32 and 64): the weights are never
-//! stored, the backward recomputes them from the saved per-row log-sum-exp.
+//! On a CUDA device (and on the host harness, inside `ops::host::run`) both
+//! forms run the flash-attention style kernels of `kernels/attention.cu` in
+//! f32, f16, bf16 and f64 (head sizes 32, 64, 128; f64 32 and 64): the weights
+//! are never stored, the backward recomputes them from the saved per-row
+//! log-sum-exp. [`attention`] takes them for a right-padded mask (each row's
+//! real tokens first) and no dropout tensor: every row is a sentence of `T`
+//! queries over its real keys, so padding queries get the composed form's
+//! values and padding keys weight 0. Elsewhere f32 and f64 run the fused op
+//! on the CPU, and f16, bf16 and the padded op's other cases on a GPU
+//! (another head size, a dropout tensor, a mask that is not right-padded)
+//! compose candle ops ([`attention_composed`]).
 //! The kernels draw their dropout themselves from a seed
 //! ([`attention_packed_seeded`]); [`packed_dropout_mask`] gives the same
 //! multipliers as a tensor, for the CPU op.
@@ -74,10 +79,18 @@ pub fn attention(
     dropout: Option<&Tensor>,
 ) -> Result<Tensor> {
     check_inputs(qkv, key_mask, heads, dropout)?;
+    let (batch, len, width) = qkv.dims3()?;
+    if super::runs_kernels(qkv.device())
+        && dropout.is_none()
+        && packed_kernel_supports(qkv.dtype(), width / 3 / heads)
+    {
+        if let Some(keys) = right_padded_key_counts(key_mask)? {
+            return kernel_padded(qkv, &keys, heads);
+        }
+    }
     if !qkv.device().is_cpu() || !matches!(qkv.dtype(), DType::F32 | DType::F64) {
         return attention_composed(qkv, key_mask, heads, dropout, crate::ops::softmax_last_dim);
     }
-    let (batch, len, _) = qkv.dims3()?;
     let op = Attention {
         heads,
         packing: Packing::Padded { batch, len },
@@ -187,7 +200,7 @@ fn kernel_packed(
         }
         None => cuda::KernelDropout::NONE,
     };
-    kernel::attention_packed(qkv, lengths, heads, drop)
+    kernel::attention_packed(qkv, lengths, lengths, heads, drop)
 }
 
 #[cfg(not(any(feature = "cuda", feature = "host-kernels")))]
@@ -198,6 +211,42 @@ fn kernel_packed(
     _dropout: Option<SeededDropout>,
 ) -> Result<Tensor> {
     bail!("{OP}: built without the attention kernels")
+}
+
+/// The padded op on the packed kernels: every row of `qkv` `[B, T, 3H]` is a
+/// sentence of `T` tokens whose queries attend to its first `keys[b]`.
+#[cfg(any(feature = "cuda", feature = "host-kernels"))]
+fn kernel_padded(qkv: &Tensor, keys: &[usize], heads: usize) -> Result<Tensor> {
+    let (batch, len, width) = qkv.dims3()?;
+    let rows = qkv.contiguous()?.reshape((batch * len, width))?;
+    let lengths = vec![len; batch];
+    kernel::attention_packed(&rows, &lengths, keys, heads, cuda::KernelDropout::NONE)?.reshape((
+        batch,
+        len,
+        width / 3,
+    ))
+}
+
+#[cfg(not(any(feature = "cuda", feature = "host-kernels")))]
+fn kernel_padded(_qkv: &Tensor, _keys: &[usize], _heads: usize) -> Result<Tensor> {
+    bail!("{OP}: built without the attention kernels")
+}
+
+/// Each row's key count for the kernels when `key_mask` `[B, T]` is
+/// right-padded (every row's real tokens come first): its real tokens, or all
+/// `T` for a row with none (which attends to every position). `None` for any
+/// other mask (left padding, holes), which the kernels do not take.
+fn right_padded_key_counts(key_mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    let rows = key_mask.ne(0u32)?.to_vec2::<u8>()?;
+    let mut keys = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let real = row.iter().take_while(|&&m| m != 0).count();
+        if row[real..].iter().any(|&m| m != 0) {
+            return Ok(None);
+        }
+        keys.push(if real == 0 { row.len() } else { real });
+    }
+    Ok(Some(keys))
 }
 
 /// Dropout on the attention weights drawn from a counter-based generator: the

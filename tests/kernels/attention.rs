@@ -1,5 +1,6 @@
 //! Kernel tests of packed attention (`attention_packed`,
-//! `attention_packed_seeded`): the kernels of `kernels/attention.cu`, forward
+//! `attention_packed_seeded`) and of padded `attention`, which takes the same
+//! kernels for right-padded masks: the kernels of `kernels/attention.cu`, forward
 //! and backward, against the fused CPU op on the same inputs (f16 and bf16
 //! against the CPU op in f32 on the same rounded values), with poisoned
 //! allocations so that an element the kernels fail to write shows. In-kernel
@@ -12,7 +13,7 @@ use crate::common;
 use crate::common::{random_tensor, rng, strided_view, values, KernelTarget, Strided};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use sentence_mtl::ops::attention::{
-    attention_packed, attention_packed_seeded, packed_dropout_mask, SeededDropout,
+    attention, attention_packed, attention_packed_seeded, packed_dropout_mask, SeededDropout,
 };
 
 /// One packed attention problem.
@@ -285,5 +286,186 @@ fn kernels_reject_bad_inputs() -> Result<()> {
     let ints = qkv.to_dtype(DType::U32)?;
     let message = target.run(|_| err(attention_packed(&ints, &[7], 2, None)));
     assert!(message.contains("U32"), "{message}");
+    Ok(())
+}
+
+/// A padded batch `[B, T, 3H]` whose mask rows have these real-token counts
+/// (right-padded; 0 = all padding), or `left_padded` to put the padding first.
+struct PaddedCase {
+    real: Vec<usize>,
+    len: usize,
+    heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    layout: Strided,
+    left_padded: bool,
+}
+
+impl PaddedCase {
+    fn new(real: &[usize], len: usize, heads: usize, head_dim: usize, dtype: DType) -> Self {
+        Self {
+            real: real.to_vec(),
+            len,
+            heads,
+            head_dim,
+            dtype,
+            layout: Strided::Contiguous,
+            left_padded: false,
+        }
+    }
+
+    fn mask(&self) -> Result<Tensor> {
+        let rows: Vec<u32> = self
+            .real
+            .iter()
+            .flat_map(|&r| {
+                (0..self.len).map(move |t| {
+                    let real = if self.left_padded {
+                        t >= self.len - r
+                    } else {
+                        t < r
+                    };
+                    u32::from(real)
+                })
+            })
+            .collect();
+        Tensor::from_vec(rows, (self.real.len(), self.len), &Device::Cpu)
+    }
+
+    /// (qkv, loss weights over every row, padding queries included), rounded
+    /// to the case's dtype.
+    fn inputs(&self, seed: u64) -> Result<(Tensor, Tensor)> {
+        let mut r = rng(seed);
+        let (b, t, h) = (self.real.len(), self.len, self.heads * self.head_dim);
+        Ok((
+            random_tensor(&mut r, &[b, t, 3 * h], self.dtype, &Device::Cpu)?,
+            random_tensor(&mut r, &[b, t, h], self.dtype, &Device::Cpu)?,
+        ))
+    }
+
+    /// `attention` on `device` (inside the kernel target, or the plain CPU):
+    /// (out, d qkv) as f64.
+    fn run(&self, device: &Device, qkv: &Tensor, weight: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
+        let var = Var::from_tensor(&qkv.to_device(device)?)?;
+        let view = strided_view(var.as_tensor(), self.layout)?;
+        let out = attention(&view, &self.mask()?.to_device(device)?, self.heads, None)?;
+        let grads = (&out * weight.to_device(device)?)?.sum_all()?.backward()?;
+        let grad = grads.get(var.as_tensor()).expect("gradient of qkv");
+        Ok((values(&out), values(grad)))
+    }
+
+    fn check(&self, target: &KernelTarget, seed: u64) -> Result<()> {
+        let (qkv, weight) = self.inputs(seed)?;
+        // The fused CPU op, in f32 on the rounded values for f16/bf16.
+        let cpu = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let (want_out, want_grad) =
+            self.run(&Device::Cpu, &qkv.to_dtype(cpu)?, &weight.to_dtype(cpu)?)?;
+        let (out, grad) = target.run(|device| {
+            common::poison_device(device)?;
+            self.run(device, &qkv, &weight)
+        })?;
+        let what = format!(
+            "padded: real {:?} of {}, {} heads × {}, {:?}, {:?}, left-padded {}",
+            self.real,
+            self.len,
+            self.heads,
+            self.head_dim,
+            self.dtype,
+            self.layout,
+            self.left_padded
+        );
+        let tol = rtol(self.dtype);
+        assert_matches(&format!("{what} forward"), &out, &want_out, tol);
+        assert_matches(&format!("{what} backward"), &grad, &want_grad, tol);
+        Ok(())
+    }
+}
+
+/// Padded `attention` on the kernel target gives the CPU op's outputs and
+/// gradients for right-padded masks in every dtype: one-token rows, an
+/// all-padding row (it attends to every position), rows across key tiles,
+/// padding queries (their outputs and dQ count too) and strided qkv; and so do
+/// its other paths there (left padding, head size 16).
+#[test]
+fn padded_attention_matches_cpu() -> Result<()> {
+    let Some(target) = crate::kernel_target("padded_attention_matches_cpu") else {
+        return Ok(());
+    };
+    let mut seed = 600;
+    for dtype in common::FLOAT_DTYPES {
+        seed += 1;
+        PaddedCase::new(&[5, 1, 0, 37], 37, 2, 32, dtype).check(&target, seed)?;
+        seed += 1;
+        PaddedCase::new(&[70, 33, 2], 70, 3, 64, dtype).check(&target, seed)?;
+    }
+    for layout in [Strided::Offset, Strided::PaddedRows, Strided::Transposed] {
+        let mut case = PaddedCase::new(&[9, 0, 4], 12, 2, 32, DType::F32);
+        case.layout = layout;
+        case.check(&target, 610)?;
+    }
+    let mut left = PaddedCase::new(&[9, 3, 0], 12, 2, 32, DType::F32);
+    left.left_padded = true;
+    left.check(&target, 611)?;
+    PaddedCase::new(&[9, 3, 0], 12, 2, 16, DType::F32).check(&target, 612)
+}
+
+/// The padded op really runs the packed kernels for a right-padded mask: each
+/// row's real tokens get, to the bit, what `attention_packed` gives the real
+/// tokens alone (the same kernel over the same keys in the same order), and
+/// the padding keys get gradient exactly 0.
+#[test]
+fn padded_attention_runs_the_packed_kernels() -> Result<()> {
+    let Some(target) = crate::kernel_target("padded_attention_runs_the_packed_kernels") else {
+        return Ok(());
+    };
+    let case = PaddedCase::new(&[7, 40, 1], 40, 2, 32, DType::F32);
+    let (qkv, _) = case.inputs(620)?;
+    let hidden = case.heads * case.head_dim;
+    let real_rows = |t: &Tensor| -> Result<Tensor> {
+        let rows: Vec<Tensor> = case
+            .real
+            .iter()
+            .enumerate()
+            .map(|(b, &r)| t.get(b)?.narrow(0, 0, r))
+            .collect::<Result<_>>()?;
+        Tensor::cat(&rows, 0)
+    };
+    let (padded, packed, dqkv) = target.run(|device| -> Result<_> {
+        let var = Var::from_tensor(&qkv.to_device(device)?)?;
+        let mask = case.mask()?.to_device(device)?;
+        let out = attention(var.as_tensor(), &mask, case.heads, None)?;
+        let grad = out.sum_all()?.backward()?;
+        let dqkv = grad.get(var.as_tensor()).expect("gradient of qkv").clone();
+        let packed = attention_packed(
+            &real_rows(&qkv.to_device(device)?)?,
+            &case.real,
+            case.heads,
+            None,
+        )?;
+        Ok((
+            values(&real_rows(&out)?),
+            values(&packed),
+            dqkv.to_device(&Device::Cpu)?,
+        ))
+    })?;
+    assert_eq!(
+        padded, packed,
+        "the real rows differ from the packed kernels'"
+    );
+    for (b, &r) in case.real.iter().enumerate() {
+        let keys_and_values =
+            dqkv.get(b)?
+                .narrow(0, r, case.len - r)?
+                .narrow(1, hidden, 2 * hidden)?;
+        let nonzero = values(&keys_and_values)
+            .iter()
+            .filter(|&&g| g != 0.0)
+            .count();
+        assert_eq!(nonzero, 0, "row {b}: padding keys got a gradient");
+    }
     Ok(())
 }

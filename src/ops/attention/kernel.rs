@@ -5,7 +5,8 @@
 //! The forward saves the per-row log-sum-exp of the scores (`[heads, N]`, in
 //! the device's storage) for its backward, which then recomputes the weights
 //! from `q`, `k` and that statistic instead of a second softmax pass. The
-//! sentence offsets live on the device as a small i64 tensor held by the ops.
+//! sentence table (offsets and key counts) lives on the device as a small i64
+//! tensor held by the ops.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -28,7 +29,8 @@ enum Saved {
 #[derive(Clone)]
 struct Shared {
     heads: usize,
-    /// `[S + 1]` i64 prefix sums of the lengths, on qkv's device.
+    /// `[2S + 1]` i64, on qkv's device: the `S + 1` prefix sums of the
+    /// lengths, then each sentence's key count (the kernels' `offsets`).
     offsets: Tensor,
     sentences: usize,
     max_len: usize,
@@ -71,13 +73,24 @@ struct KernelAttentionBackward(Shared);
 
 /// Packed attention on the kernels: qkv `[N, 3H]` (any float dtype the kernels
 /// take, unit column stride or it is copied), `lengths` summing to `N`
-/// (checked by the caller).
+/// (checked by the caller); each sentence's tokens attend to its first
+/// `keys[s]` tokens (`1 ≤ keys[s] ≤ lengths[s]` for a non-empty sentence;
+/// `keys == lengths` is plain packed attention).
 pub(super) fn attention_packed(
     qkv: &Tensor,
     lengths: &[usize],
+    keys: &[usize],
     heads: usize,
     dropout: KernelDropout,
 ) -> Result<Tensor> {
+    if keys.len() != lengths.len()
+        || keys
+            .iter()
+            .zip(lengths)
+            .any(|(&k, &len)| k > len || (k == 0 && len > 0))
+    {
+        bail!("{OP}: internal error, key counts {keys:?} for sentences of {lengths:?} tokens");
+    }
     crate::ops::dtype::check_float_dtype(OP, "qkv", qkv.dtype())?;
     let head_dim = qkv.dim(1)? / 3 / heads;
     if !super::packed_kernel_supports(qkv.dtype(), head_dim) {
@@ -92,16 +105,17 @@ pub(super) fn attention_packed(
     } else {
         qkv.contiguous()?
     };
-    let mut offsets = Vec::with_capacity(lengths.len() + 1);
+    let mut table = Vec::with_capacity(2 * lengths.len() + 1);
     let mut at = 0i64;
-    offsets.push(at);
+    table.push(at);
     for &len in lengths {
         at += len as i64;
-        offsets.push(at);
+        table.push(at);
     }
+    table.extend(keys.iter().map(|&k| k as i64));
     let shared = Shared {
         heads,
-        offsets: Tensor::from_vec(offsets, lengths.len() + 1, qkv.device())?,
+        offsets: Tensor::from_vec(table, 2 * lengths.len() + 1, qkv.device())?,
         sentences: lengths.len(),
         max_len: lengths.iter().copied().max().unwrap_or(0),
         dropout,
