@@ -128,6 +128,10 @@ pub struct TrainArgs {
     /// Spearman for similarity tasks): tested at the end, saved in `best/`.
     #[arg(long)]
     pub best_epoch: bool,
+    /// Validate, test and keep an exponential moving average of the weights,
+    /// updated after every step with this decay (e.g. 0.995), saved in `ema/`
+    #[arg(long, value_name = "DECAY")]
+    pub ema_decay: Option<f64>,
     /// No progress bar or log lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -189,6 +193,7 @@ impl TrainArgs {
             }),
             test_at_end: !self.no_test,
             best_epoch: self.best_epoch,
+            ema_decay: self.ema_decay,
             verbose: !self.quiet,
             resume: self.resume,
         })
@@ -362,5 +367,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no task named x"));
+    }
+
+    #[test]
+    fn ema_decay_flag() {
+        let config = |extra: &[&str]| {
+            let args = [&["train", "--data", "d"], extra].concat();
+            Cli::parse_from(args).train.to_config().unwrap()
+        };
+        assert_eq!(config(&[]).ema_decay, None);
+        assert_eq!(config(&["--ema-decay", "0.995"]).ema_decay, Some(0.995));
     }
 }

@@ -36,6 +36,8 @@ use crate::model::ModelFiles;
 pub const MODEL_FILE: &str = "model.safetensors";
 /// AdamW's moments, safetensors (what a resumed run continues from).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The moving average of the weights (`ema_decay`), f32, by parameter name.
+pub const EMA_FILE: &str = "ema.safetensors";
 /// The [`RunInfo`], JSON.
 pub const RUN_FILE: &str = "multitask.json";
 /// The trainer's progress ([`TrainState`](super::records::TrainState)), JSON.

@@ -207,6 +207,13 @@ pub struct TrainConfig {
     /// are restored after the last epoch, tested, and saved in `best/`.
     #[serde(default)]
     pub best_epoch: bool,
+    /// Keep an exponential moving average of the weights, updated after every
+    /// step (`avg = d·avg + (1 − d)·weights`, in f32, starting from the
+    /// initial weights), and validate, test and keep it instead of the
+    /// weights the steps reach (saved in `ema/`; the checkpoint keeps the
+    /// trained weights and the average, to resume from). `None`: off.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
     /// Progress bar (terminals only) and log lines on stderr.
     pub verbose: bool,
     /// Carry on from the checkpoint in `output_dir`.
@@ -255,6 +262,7 @@ impl Default for TrainConfig {
             overfit: None,
             test_at_end: true,
             best_epoch: false,
+            ema_decay: None,
             verbose: true,
             resume: false,
         }
@@ -307,6 +315,16 @@ impl TrainConfig {
         );
         if let Some(norm) = self.max_grad_norm {
             anyhow::ensure!(norm > 0.0, "max_grad_norm must be positive");
+        }
+        if let Some(decay) = self.ema_decay {
+            anyhow::ensure!(
+                decay > 0.0 && decay < 1.0,
+                "ema_decay must be in (0, 1), got {decay}"
+            );
+            anyhow::ensure!(
+                self.overfit.is_none(),
+                "ema_decay does not apply to overfit mode (it judges the trained weights)"
+            );
         }
         anyhow::ensure!(!self.tasks.is_empty(), "a run needs at least one task");
         for (i, task) in self.tasks.iter().enumerate() {

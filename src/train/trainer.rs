@@ -108,6 +108,8 @@ struct Run {
     /// With `best_epoch`: the best validation score so far, its epoch, and a
     /// copy of its weights.
     best: Option<(f64, usize, HashMap<String, Tensor>)>,
+    /// With `ema_decay`: the moving average of every parameter (f32).
+    ema: Option<HashMap<String, Tensor>>,
 }
 
 /// The notebook's trainer: [`prepare_data`](Self::prepare_data) reads and checks
@@ -283,7 +285,24 @@ impl MultiTaskTrainer {
             schedule,
             state: TrainState::default(),
             best: None,
+            ema: None,
         };
+        if config.ema_decay.is_some() && config.overfit.is_none() {
+            run.ema = Some(match &resumed {
+                Some(dir) => {
+                    checkpoint::read_safetensors(&dir.join(checkpoint::EMA_FILE), &self.device)
+                        .with_context(|| {
+                            format!("--resume with ema_decay: the average in {}", dir.display())
+                        })?
+                }
+                None => run
+                    .model
+                    .parameters()
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?.copy()?)))
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
         if let Some(dir) = resumed {
             run.state = checkpoint::read_json(&dir.join(checkpoint::STATE_FILE))?;
             if let Some(opt) = run.optimizer.as_mut() {
@@ -480,6 +499,9 @@ impl MultiTaskTrainer {
             report.stopped_early = self.train_epochs()?;
             if !report.stopped_early {
                 report.best_epoch = self.restore_best()?;
+                if report.best_epoch.is_none() {
+                    self.keep_average()?;
+                }
             }
         }
         let run = self.run_ref()?;
@@ -590,6 +612,8 @@ impl MultiTaskTrainer {
                 }
             }
             let epoch_seconds = started.elapsed().as_secs_f64();
+            // With `ema_decay` the average is validated (and kept as the best).
+            let trained = self.swap_in_average()?;
             let val = self.evaluate(Split::Val)?;
             let run = self.run.as_mut().expect("setup");
             let record = EpochRecord {
@@ -621,14 +645,11 @@ impl MultiTaskTrainer {
                     .sum::<f64>()
                     / val.tasks.len() as f64;
                 if run.best.as_ref().is_none_or(|(best, _, _)| score > *best) {
-                    let weights = run
-                        .model
-                        .weights()
-                        .into_iter()
-                        .map(|(k, v)| Ok((k, v.copy()?)))
-                        .collect::<candle_core::Result<HashMap<_, _>>>()?;
-                    run.best = Some((score, epoch + 1, weights));
+                    run.best = Some((score, epoch + 1, copy_weights(&run.model)?));
                 }
+            }
+            if let Some(trained) = trained {
+                set_weights(&run.model, &trained)?;
             }
             run.state.epochs.push(record);
             self.save_if_configured()?;
@@ -792,6 +813,38 @@ impl MultiTaskTrainer {
         Ok(report)
     }
 
+    /// With `ema_decay`: puts the moving average into the model and returns
+    /// a copy of the weights it replaced; `None` without an average.
+    fn swap_in_average(&mut self) -> anyhow::Result<Option<HashMap<String, Tensor>>> {
+        let Some(run) = self.run.as_mut() else {
+            return Ok(None);
+        };
+        let Some(average) = run.ema.as_ref() else {
+            return Ok(None);
+        };
+        let trained = copy_weights(&run.model)?;
+        set_weights(&run.model, average)?;
+        Ok(Some(trained))
+    }
+
+    /// With `ema_decay` (and no best epoch): the moving average becomes the
+    /// model's weights for the test and is saved in `ema/` (the checkpoint
+    /// keeps the trained weights and the average, to resume from).
+    fn keep_average(&mut self) -> anyhow::Result<()> {
+        if self.swap_in_average()?.is_none() {
+            return Ok(());
+        }
+        log(
+            self.config.verbose,
+            &ProgressBar::hidden(),
+            "the weights' moving average is kept (ema_decay)",
+        );
+        if self.config.output_dir.is_some() {
+            self.save_checkpoint_in(EMA_DIR, false)?;
+        }
+        Ok(())
+    }
+
     /// With `best_epoch`: puts the best epoch's weights back (the checkpoint
     /// keeps the last epoch's, to resume from) and saves them in `best/`.
     fn restore_best(&mut self) -> anyhow::Result<Option<usize>> {
@@ -801,11 +854,7 @@ impl MultiTaskTrainer {
         let Some((score, epoch, weights)) = run.best.take() else {
             return Ok(None);
         };
-        for (name, var) in run.model.parameters() {
-            if let Some(saved) = weights.get(&name) {
-                var.set(saved)?;
-            }
-        }
+        set_weights(&run.model, &weights)?;
         log(
             self.config.verbose,
             &ProgressBar::hidden(),
@@ -862,6 +911,9 @@ impl MultiTaskTrainer {
                     &tmp.join(checkpoint::OPTIMIZER_FILE),
                     &opt.state_tensors()?,
                 )?;
+            }
+            if let Some(average) = run.ema.as_ref().filter(|_| optimizer) {
+                checkpoint::write_safetensors(&tmp.join(checkpoint::EMA_FILE), average)?;
             }
             checkpoint::copy_file(
                 &run.model_files.config,
@@ -930,6 +982,9 @@ fn step_on(
         None => (None, 1.0),
     };
     optimizer.step(&grads, lr_factor, scale)?;
+    if let (Some(average), Some(decay)) = (run.ema.as_mut(), config.ema_decay) {
+        update_average(average, &run.model, decay)?;
+    }
     let loss = (0..per_task.len())
         .map(|t| rows.iter().any(|r| r.task == t).then_some(per_task[t]))
         .collect();
@@ -938,6 +993,48 @@ fn step_on(
 
 /// The folder, in the output folder, of the best epoch's model (`best_epoch`).
 pub const BEST_DIR: &str = "best";
+
+/// The folder, in the output folder, of the weights' moving average (`ema_decay`).
+pub const EMA_DIR: &str = "ema";
+
+/// `average = decay·average + (1 − decay)·weights` for every parameter, in f32.
+fn update_average(
+    average: &mut HashMap<String, Tensor>,
+    model: &MultiTaskModel,
+    decay: f64,
+) -> candle_core::Result<()> {
+    for (name, var) in model.parameters() {
+        if let Some(avg) = average.get_mut(&name) {
+            let now = var.as_tensor().to_dtype(DType::F32)?;
+            *avg = (avg.affine(decay, 0.0)? + now.affine(1.0 - decay, 0.0)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// A copy of every parameter, by name (`weights()` alone shares the
+/// parameters' storage, which `Var::set` overwrites).
+fn copy_weights(model: &MultiTaskModel) -> candle_core::Result<HashMap<String, Tensor>> {
+    model
+        .weights()
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.copy()?)))
+        .collect()
+}
+
+/// Writes `weights` (by parameter name, any float dtype) into the model's
+/// parameters, in the parameters' dtype.
+fn set_weights(
+    model: &MultiTaskModel,
+    weights: &HashMap<String, Tensor>,
+) -> candle_core::Result<()> {
+    for (name, var) in model.parameters() {
+        if let Some(w) = weights.get(&name) {
+            var.set(&w.to_dtype(var.dtype())?)?;
+        }
+    }
+    Ok(())
+}
 
 /// The dropout seed of the step after `global_step` steps.
 fn dropout_seed(seed: u64, global_step: usize) -> u64 {

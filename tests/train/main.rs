@@ -1,6 +1,6 @@
 //! The data and training layers (`sentence_mtl::data`, `sentence_mtl::train`):
 //! the TweetEval loader, the samplers and collation, checkpoints and resumed
-//! runs, and overfit mode on the real model.
+//! runs, the weights' moving average, and overfit mode on the real model.
 
 #[path = "../train_support/mod.rs"]
 mod train_support;
@@ -10,3 +10,4 @@ mod data_loader;
 mod data_sampler;
 mod n_tasks;
 mod overfit;
+mod weight_average;
