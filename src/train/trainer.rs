@@ -299,7 +299,7 @@ impl MultiTaskTrainer {
                     .model
                     .parameters()
                     .into_iter()
-                    .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?.copy()?)))
+                    .map(|(k, v)| Ok((k, v.as_detached_tensor().to_dtype(DType::F32)?.copy()?)))
                     .collect::<candle_core::Result<_>>()?,
             });
         }
@@ -1005,8 +1005,11 @@ fn update_average(
 ) -> candle_core::Result<()> {
     for (name, var) in model.parameters() {
         if let Some(avg) = average.get_mut(&name) {
-            let now = var.as_tensor().to_dtype(DType::F32)?;
+            // Detached: from a variable, the sum would record an autograd
+            // graph holding every earlier average (memory growing each step).
+            let now = var.as_detached_tensor().to_dtype(DType::F32)?;
             *avg = (avg.affine(decay, 0.0)? + now.affine(1.0 - decay, 0.0)?)?;
+            debug_assert!(!avg.track_op(), "the average records a graph");
         }
     }
     Ok(())
