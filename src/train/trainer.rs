@@ -287,7 +287,7 @@ impl MultiTaskTrainer {
             best: None,
             ema: None,
         };
-        if config.ema_decay.is_some() && config.overfit.is_none() {
+        if config.ema_decay.is_some() {
             run.ema = Some(match &resumed {
                 Some(dir) => {
                     checkpoint::read_safetensors(&dir.join(checkpoint::EMA_FILE), &self.device)

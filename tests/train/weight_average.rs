@@ -143,6 +143,57 @@ fn a_resumed_run_keeps_the_same_average() {
     std::fs::remove_dir_all(root).unwrap();
 }
 
+/// With `best_epoch` too, the epochs compete with their averages: `best/`
+/// holds the average at the end of the best epoch (the one a run stopped
+/// there saves beside its checkpoint), which scores what that epoch scored.
+#[test]
+fn the_best_epoch_is_chosen_among_averages() {
+    let root = fixtures("ema-best");
+    let run = |output: &str, max_steps: Option<usize>| TrainConfig {
+        ema_decay: Some(DECAY),
+        best_epoch: true,
+        epochs: 2,
+        max_steps,
+        test_at_end: false,
+        ..config(&root, output)
+    };
+    let (report, _, trainer) = train(run("run", None));
+    let (stopped, _, _) = train(run("epoch1", Some(6)));
+    assert!(stopped.stopped_early);
+    let average = |dir: &str| -> Weights {
+        let path = root.join(dir).join("checkpoint").join(checkpoint::EMA_FILE);
+        let tensors = checkpoint::read_safetensors(&path, &Device::Cpu).unwrap();
+        tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect()
+    };
+    let best = report.best_epoch.expect("a best epoch");
+    let want = if best == 1 {
+        average("epoch1")
+    } else {
+        average("run")
+    };
+    assert!(
+        load(&root.join("run/best")) == want,
+        "best/ is not epoch {best}'s average"
+    );
+    let epochs = &trainer.state().unwrap().epochs;
+    let loaded = checkpoint::load(&root.join("run/best"), &Device::Cpu, None).unwrap();
+    let eval = sentence_mtl::train::evaluate::evaluate_checkpoint(
+        &loaded,
+        None,
+        Split::Val,
+        16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (t, task) in eval.tasks.iter().enumerate() {
+        assert_eq!(task.metrics, epochs[best - 1].val[t], "{}", task.task);
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
 #[test]
 fn bad_decays_are_refused() {
     let root = Path::new("unused");

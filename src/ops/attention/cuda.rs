@@ -4,9 +4,10 @@
 //!
 //! Inputs: `qkv` `[N, 3H]` with unit column stride and any row stride and
 //! offset (no copy), the sentence table `[2S + 1]` (i64: the prefix sums of
-//! the lengths, then each sentence's key count). The forward writes the context `[N, H]` and the log-sum-exp of
-//! every row's scores `[heads, N]` (f32; f64 for f64), which the backward
-//! reads instead of recomputing the softmax statistics.
+//! the lengths, then each sentence's key count). The forward writes the
+//! context `[N, H]` and the log-sum-exp of every row's scores `[heads, N]`
+//! (f32; f64 for f64), which the backward reads instead of recomputing the
+//! softmax statistics.
 
 use candle_core::{DType, Result};
 
