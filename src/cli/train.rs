@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use super::device::DeviceArgs;
 use crate::data::SamplerKind;
 use crate::model::multitask::Freeze;
+use crate::model::text::EmojiMode;
 use crate::model::Pooling;
 use crate::train::{ClassWeighting, MultiTaskTrainer, OverfitConfig, TaskSpec, TrainConfig};
 
@@ -106,6 +107,14 @@ pub struct TrainArgs {
     /// mean is the recipe's).
     #[arg(long, value_enum, default_value_t = Pooling::Mean)]
     pub pooling: Pooling,
+    /// Emoji before tokenisation: keep (the recipe; BERT's vocabulary maps
+    /// them to `[UNK]`) or text (each written as its name, "face with tears of joy").
+    #[arg(long, value_enum, default_value_t = EmojiMode::Keep)]
+    pub emoji: EmojiMode,
+    /// Undo the escapes tweets carry (a literal `\n`, `\u2019`, `&amp;`)
+    /// before tokenisation.
+    #[arg(long)]
+    pub unescape: bool,
     /// Stop after this many steps (writing a checkpoint); `--resume` carries on.
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -185,6 +194,8 @@ impl TrainArgs {
             seed: self.seed,
             class_weighting: self.class_weighting,
             pooling: self.pooling,
+            emoji: self.emoji,
+            unescape: self.unescape,
             max_steps: self.max_steps,
             checkpoint_every: self.checkpoint_every,
             overfit: self.overfit_batch.map(|batch_size| OverfitConfig {
@@ -299,6 +310,19 @@ mod tests {
         assert_eq!(config.freeze, Freeze::Lower(2));
         let cls = Cli::parse_from(["train", "--data", "d", "--pooling", "cls"]).train;
         assert_eq!(cls.to_config().unwrap().pooling, Pooling::Cls);
+        assert_eq!(
+            cls.to_config().unwrap().text_prep(),
+            crate::model::text::TextPrep::default()
+        );
+        let prep = Cli::parse_from(["train", "--data", "d", "--emoji", "text", "--unescape"]).train;
+        assert_eq!(
+            prep.to_config().unwrap().text_prep(),
+            crate::model::text::TextPrep {
+                emoji: EmojiMode::Text,
+                unescape: true
+            }
+        );
+        assert!(Cli::try_parse_from(["train", "--data", "d", "--emoji", "names"]).is_err());
         assert!(Cli::try_parse_from(["train", "--data", "d", "--freeze", "some"]).is_err());
     }
 

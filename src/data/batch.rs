@@ -11,6 +11,7 @@ use tokenizers::Tokenizer;
 use super::stsb::StsPair;
 use super::tweeteval::TaskSplit;
 use crate::model::multitask::PairTargets;
+use crate::model::text::TextPrep;
 use crate::model::tokenize::{self, Batch, Tokens};
 use crate::ops::IGNORE_INDEX;
 
@@ -65,13 +66,15 @@ pub struct LabelledBatch {
 }
 
 /// Tokenises a classification split for task `task` with `tokenizer`'s
-/// truncation (see [`tokenize::load_tokenizer`]), leaving padding to [`collate`].
+/// truncation (see [`tokenize::load_tokenizer`]), prepared as `text` says,
+/// leaving padding to [`collate`].
 pub fn tokenize_split(
     tokenizer: &Tokenizer,
     split: &TaskSplit,
+    text: TextPrep,
     task: usize,
 ) -> anyhow::Result<Vec<Example>> {
-    let tokens = tokenize::tokenize(tokenizer, &split.texts)?;
+    let tokens = tokenize::tokenize(tokenizer, &text.apply_all(&split.texts))?;
     Ok(tokens
         .into_iter()
         .zip(&split.labels)
@@ -87,10 +90,17 @@ pub fn tokenize_split(
 pub fn tokenize_pairs(
     tokenizer: &Tokenizer,
     pairs: &[StsPair],
+    text: TextPrep,
     task: usize,
 ) -> anyhow::Result<Vec<Example>> {
-    let first: Vec<&str> = pairs.iter().map(|p| p.sentence1.as_str()).collect();
-    let second: Vec<&str> = pairs.iter().map(|p| p.sentence2.as_str()).collect();
+    let first: Vec<String> = pairs
+        .iter()
+        .map(|p| text.apply(&p.sentence1).into_owned())
+        .collect();
+    let second: Vec<String> = pairs
+        .iter()
+        .map(|p| text.apply(&p.sentence2).into_owned())
+        .collect();
     let (first, second) = (
         tokenize::tokenize(tokenizer, &first)?,
         tokenize::tokenize(tokenizer, &second)?,

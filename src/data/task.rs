@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::model::text::TextPrep;
+
 use super::batch::{tokenize_pairs, tokenize_split, Example};
 use super::stsb::{load_stsb, StsPair};
 use super::tweeteval::{DataError, Split, TaskData, TaskSplit};
@@ -108,11 +110,16 @@ impl TaskRows {
         self.len() == 0
     }
 
-    /// Tokenised examples of task number `task`.
-    pub fn tokenize(&self, tokenizer: &Tokenizer, task: usize) -> anyhow::Result<Vec<Example>> {
+    /// Tokenised examples of task number `task`, prepared as `text` says.
+    pub fn tokenize(
+        &self,
+        tokenizer: &Tokenizer,
+        text: TextPrep,
+        task: usize,
+    ) -> anyhow::Result<Vec<Example>> {
         match self {
-            TaskRows::Classes(split) => tokenize_split(tokenizer, split, task),
-            TaskRows::Pairs(pairs) => tokenize_pairs(tokenizer, pairs, task),
+            TaskRows::Classes(split) => tokenize_split(tokenizer, split, text, task),
+            TaskRows::Pairs(pairs) => tokenize_pairs(tokenizer, pairs, text, task),
         }
     }
 }

@@ -12,6 +12,8 @@
 //!   attention mask bias, dropout) and their no-gradient fast twins.
 //! - [`bert`]: [`BertEncoder`], the transformer itself.
 //! - [`tokenize`]: tokenizer loading and batch encoding to tensors.
+//! - [`text`]: how a tweet is prepared before tokenisation ([`TextPrep`](text::TextPrep):
+//!   emoji as their names, escapes undone).
 //! - [`pooling`]: every sentence-transformers pooling mode ([`pool`]).
 //! - [`dense`]: a sentence-transformers `Dense` module ([`Dense`]).
 //! - [`encoder`]: [`SentenceEncoder`], sentences in, embeddings out.
@@ -35,6 +37,7 @@ pub mod pooling;
 pub mod quantize;
 pub mod resolve;
 pub mod search;
+pub mod text;
 pub mod tokenize;
 
 pub use bert::BertEncoder;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamWParams;
 use crate::data::{SamplerKind, TaskKind};
 use crate::model::multitask::Freeze;
+use crate::model::text::{EmojiMode, TextPrep};
 use crate::model::Pooling;
 
 /// One task of a run: its name, folder, kind, weight in the total loss and
@@ -192,6 +193,13 @@ pub struct TrainConfig {
     /// (and similarity tasks) read; runs from before this setting used mean.
     #[serde(default = "mean_pooling")]
     pub pooling: Pooling,
+    /// What happens to emoji before tokenisation (runs from before this
+    /// setting kept them).
+    #[serde(default)]
+    pub emoji: EmojiMode,
+    /// Undo escapes (`\n`, `\u2019`, `&amp;`) before tokenisation.
+    #[serde(default)]
+    pub unescape: bool,
     /// Stop after this many optimiser steps in all (a checkpoint is written at
     /// the stop); the schedule is still that of the full run, so `--resume`
     /// carries on as if it had not stopped.
@@ -257,6 +265,8 @@ impl Default for TrainConfig {
             seed: 42,
             class_weighting: ClassWeighting::None,
             pooling: Pooling::Mean,
+            emoji: EmojiMode::Keep,
+            unescape: false,
             max_steps: None,
             checkpoint_every: None,
             overfit: None,
@@ -357,6 +367,15 @@ impl TrainConfig {
             "--resume needs --output, the folder to resume from"
         );
         Ok(())
+    }
+
+    /// How texts are prepared for the tokenizer in this run (and by its
+    /// checkpoint's `eval` and `predict`).
+    pub fn text_prep(&self) -> TextPrep {
+        TextPrep {
+            emoji: self.emoji,
+            unescape: self.unescape,
+        }
     }
 
     /// The fields that shape the training trajectory; a resumed run must agree

@@ -274,7 +274,11 @@ pub fn evaluate_checkpoint(
             source.label_names(),
             info.label_names[t]
         );
-        examples.push(source.load(split)?.tokenize(&loaded.tokenizer, t)?);
+        examples.push(source.load(split)?.tokenize(
+            &loaded.tokenizer,
+            info.config.text_prep(),
+            t,
+        )?);
     }
     let views: Vec<&[Example]> = examples.iter().map(Vec::as_slice).collect();
     evaluate_split(
@@ -315,7 +319,10 @@ pub fn predict(
     device: &Device,
 ) -> anyhow::Result<Vec<Prediction>> {
     let info = &loaded.info;
-    let tokens = tokenize(&loaded.tokenizer, sentences)?;
+    let tokens = tokenize(
+        &loaded.tokenizer,
+        &info.config.text_prep().apply_all(sentences),
+    )?;
     let rows: Vec<&Tokens> = tokens.iter().collect();
     let probs = predict_probabilities(
         &loaded.model,

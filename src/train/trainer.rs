@@ -235,8 +235,8 @@ impl MultiTaskTrainer {
         let tokenizer = load_tokenizer(&model_files, config.max_len)?;
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for (t, task) in data.tasks.iter().enumerate() {
-            train.push(task.train.tokenize(&tokenizer, t)?);
-            val.push(task.val.tokenize(&tokenizer, t)?);
+            train.push(task.train.tokenize(&tokenizer, config.text_prep(), t)?);
+            val.push(task.val.tokenize(&tokenizer, config.text_prep(), t)?);
         }
         let task_losses = data
             .tasks
@@ -442,7 +442,11 @@ impl MultiTaskTrainer {
             Split::Val => run.val.iter().map(Vec::as_slice).collect(),
             Split::Test => {
                 for (t, task) in data.tasks.iter().enumerate() {
-                    loaded.push(task.source.load(split)?.tokenize(&run.tokenizer, t)?);
+                    loaded.push(task.source.load(split)?.tokenize(
+                        &run.tokenizer,
+                        self.config.text_prep(),
+                        t,
+                    )?);
                 }
                 loaded.iter().map(Vec::as_slice).collect()
             }

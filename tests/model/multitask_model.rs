@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use sentence_mtl::data::{collate, tokenize_split, Example, Split, TaskData};
 use sentence_mtl::model::multitask::{Freeze, Losses, MultiTaskModel, TaskHead, TaskLoss};
 use sentence_mtl::model::resolve_model;
+use sentence_mtl::model::text::TextPrep;
 use sentence_mtl::model::tokenize::load_tokenizer;
 use sentence_mtl::train::{MultiTaskTrainer, TrainConfig};
 use train_support::{snapshot, temp_dir, tiny_config, tiny_data, tiny_model};
@@ -35,7 +36,7 @@ fn model_and_rows(
             .unwrap()
             .load(Split::Train)
             .unwrap();
-        tokenize_split(&tok, &split, index).unwrap()
+        tokenize_split(&tok, &split, TextPrep::default(), index).unwrap()
     });
     (model, rows, root)
 }

@@ -10,4 +10,5 @@ mod data_loader;
 mod data_sampler;
 mod n_tasks;
 mod overfit;
+mod text_prep;
 mod weight_average;

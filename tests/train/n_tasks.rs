@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use sentence_mtl::data::{collate, Example, Split, TaskKind, TaskRows, TaskSource};
 use sentence_mtl::model::multitask::{cosent_loss, Freeze, MultiTaskModel, TaskHead, TaskLoss};
 use sentence_mtl::model::resolve_model;
+use sentence_mtl::model::text::TextPrep;
 use sentence_mtl::model::tokenize::load_tokenizer;
 use sentence_mtl::train::checkpoint::{self, RunInfo};
 use sentence_mtl::train::{MultiTaskTrainer, TaskScores, TaskSpec, TrainConfig};
@@ -179,7 +180,7 @@ fn similarity_loss_is_cosent_and_reaches_only_the_backbone() {
     let load = |kind, dir: &Path, task| -> Vec<Example> {
         let source = TaskSource::open(kind, dir).unwrap();
         let rows: TaskRows = source.load(Split::Train).unwrap();
-        rows.tokenize(&tok, task).unwrap()
+        rows.tokenize(&tok, TextPrep::default(), task).unwrap()
     };
     let emotion = load(TaskKind::Classification, &root.join("data/emotion"), 0);
     let sts = load(TaskKind::Sts, &root.join("sts"), 1);

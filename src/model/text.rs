@@ -1,0 +1,287 @@
+//! What the tokenizer is given. Tweets are written for people and for
+//! Twitter's web page, not for BERT's vocabulary; two settings, each off by
+//! default (the encoder's texts and the recipe's runs go in as written), make
+//! them readable to it:
+//!
+//! - [`EmojiMode::Text`]: BERT's uncased WordPiece vocabulary has almost no
+//!   emoji; every one becomes `[UNK]`, so a tweet's 😂 and 😡 look alike to the
+//!   model (a quarter of TweetEval emotion's test tweets have one). Each emoji
+//!   is written as its CLDR name ("face with tears of joy"), as BERTweet's
+//!   tweet normaliser does.
+//! - `unescape` ([`unescape_tweet`]): TweetEval's files keep escapes from the
+//!   JSON and HTML they came through: a literal `\n` for a line break (one
+//!   emotion tweet in twenty; the tokenizer reads `\nKelly` as `\`, `nk`,
+//!   `##elly`), `\u2019` for a quote, `&amp;` for `&`. They become the
+//!   characters they stand for.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+/// How text is prepared before tokenisation; the default changes nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TextPrep {
+    /// What happens to emoji.
+    pub emoji: EmojiMode,
+    /// Turn escapes (`\n`, `\uXXXX`, `&amp;`, ...) into what they stand for.
+    pub unescape: bool,
+}
+
+impl TextPrep {
+    /// `text` as the tokenizer should see it: unescaped first (an escaped
+    /// emoji is then written as its name too), then emoji.
+    pub fn apply(self, text: &str) -> Cow<'_, str> {
+        let text = if self.unescape {
+            unescape_tweet(text)
+        } else {
+            Cow::Borrowed(text)
+        };
+        match (self.emoji, text) {
+            (EmojiMode::Keep, text) => text,
+            (EmojiMode::Text, Cow::Borrowed(text)) => emoji_to_text(text),
+            (EmojiMode::Text, Cow::Owned(text)) => Cow::Owned(emoji_to_text(&text).into_owned()),
+        }
+    }
+
+    /// [`apply`](Self::apply) to each of `texts`.
+    pub fn apply_all<S: AsRef<str>>(self, texts: &[S]) -> Vec<String> {
+        texts
+            .iter()
+            .map(|t| self.apply(t.as_ref()).into_owned())
+            .collect()
+    }
+}
+
+/// What happens to emoji before tokenisation.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum EmojiMode {
+    /// Leave the text as it is (the tokenizer decides; BERT's maps emoji to `[UNK]`).
+    #[default]
+    Keep,
+    /// Replace each emoji by its name between spaces; skin tones are dropped
+    /// (the base emoji's name), as are stray joiners and variation selectors.
+    Text,
+}
+
+/// The longest emoji sequence `emojis` knows (flags, families and other
+/// ZWJ sequences run to 10 code points).
+const LONGEST_SEQUENCE: usize = 10;
+
+/// Emoji modifiers that mean nothing alone: variation selectors, the zero-width
+/// joiner, and the five skin tones.
+fn is_component(c: char) -> bool {
+    matches!(
+        c,
+        '\u{FE0E}' | '\u{FE0F}' | '\u{200D}' | '\u{1F3FB}'..='\u{1F3FF}'
+    )
+}
+
+/// Whether `c`, followed by `next`, can start an emoji: ASCII only as a
+/// keycap (`1️⃣`, `#️⃣`); alone, digits, `#` and `*` are text.
+fn may_start_emoji(c: char, next: Option<char>) -> bool {
+    if c.is_ascii() {
+        matches!(next, Some('\u{FE0F}' | '\u{20E3}'))
+    } else {
+        !is_component(c)
+    }
+}
+
+/// `text` with every emoji written as `" name "`: the longest known sequence
+/// at each position wins, so a flag or a family is one name, not several.
+pub fn emoji_to_text(text: &str) -> Cow<'_, str> {
+    if text.is_ascii() {
+        return Cow::Borrowed(text);
+    }
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let end_of = |i: usize| chars.get(i).map_or(text.len(), |&(at, _)| at);
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut i = 0;
+    while i < chars.len() {
+        let (start, c) = chars[i];
+        let found = may_start_emoji(c, chars.get(i + 1).map(|&(_, c)| c))
+            .then(|| {
+                (1..=LONGEST_SEQUENCE.min(chars.len() - i))
+                    .rev()
+                    .find_map(|len| emojis::get(&text[start..end_of(i + len)]).map(|e| (len, e)))
+            })
+            .flatten();
+        match found {
+            Some((len, emoji)) => {
+                let base = match emoji.skin_tone() {
+                    Some(_) => emoji
+                        .with_skin_tone(emojis::SkinTone::Default)
+                        .unwrap_or(emoji),
+                    None => emoji,
+                };
+                out.push(' ');
+                out.push_str(base.name());
+                out.push(' ');
+                i += len;
+            }
+            None => {
+                if !is_component(c) {
+                    out.push(c);
+                }
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `text` with the escapes tweets pick up on their way written out: `\n`,
+/// `\r` and `\t` (a backslash and a letter) as a space, `\"` as `"`,
+/// `\uXXXX` as its character, and the HTML entities `&amp;`, `&lt;`, `&gt;`,
+/// `&quot;`, `&apos;`, `&#N;` and `&#xH;` as theirs. Anything else, an
+/// unknown or malformed escape included, is left as it is.
+pub fn unescape_tweet(text: &str) -> Cow<'_, str> {
+    if !text.contains(['\\', '&']) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(['\\', '&']) {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let (replacement, len) = if rest.starts_with('\\') {
+            backslash_escape(rest)
+        } else {
+            html_entity(rest)
+        }
+        .unwrap_or((rest.as_bytes()[0] as char, 1));
+        out.push(replacement);
+        rest = &rest[len..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+/// The character a backslash escape at the start of `s` stands for, and the
+/// escape's length in bytes.
+fn backslash_escape(s: &str) -> Option<(char, usize)> {
+    match s.as_bytes().get(1)? {
+        b'n' | b'r' | b't' => Some((' ', 2)),
+        b'"' => Some(('"', 2)),
+        b'u' => {
+            let code = hex_escape(s)?;
+            if !(0xD800..0xDC00).contains(&code) {
+                // A lone low surrogate is no character: it stays escaped.
+                return Some((char::from_u32(code)?, 6));
+            }
+            // A high surrogate needs its low half (JSON's form of 😂).
+            let low = hex_escape(s.get(6..)?).filter(|low| (0xDC00..0xE000).contains(low))?;
+            let code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+            Some((char::from_u32(code)?, 12))
+        }
+        _ => None,
+    }
+}
+
+/// The code unit of a `\\uXXXX` escape at the start of `s`.
+fn hex_escape(s: &str) -> Option<u32> {
+    let hex = s.strip_prefix("\\u")?.get(..4)?;
+    u32::from_str_radix(hex, 16).ok()
+}
+
+/// The character an HTML entity at the start of `s` stands for, and its
+/// length in bytes.
+fn html_entity(s: &str) -> Option<(char, usize)> {
+    // The longest entity we read is `&#x10FFFF;` (10 bytes).
+    let end = s.bytes().take(11).position(|b| b == b';')?;
+    let name = &s[1..end];
+    let c = match name {
+        "amp" => '&',
+        "lt" => '<',
+        "gt" => '>',
+        "quot" => '"',
+        "apos" => '\'',
+        _ => {
+            let number = name.strip_prefix('#')?;
+            let code = match number.strip_prefix(['x', 'X']) {
+                Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                None => number.parse().ok()?,
+            };
+            char::from_u32(code)?
+        }
+    };
+    Some((c, end + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_replace_emoji() {
+        assert_eq!(
+            emoji_to_text("so funny 😂😂"),
+            "so funny  face with tears of joy  face with tears of joy "
+        );
+        assert_eq!(emoji_to_text("angry😡!"), "angry enraged face !");
+    }
+
+    #[test]
+    fn sequences_are_one_name_and_skin_tones_drop() {
+        assert_eq!(emoji_to_text("🇺🇸"), " flag: United States ");
+        assert_eq!(emoji_to_text("👍🏽"), " thumbs up ");
+        assert_eq!(emoji_to_text("🙋🏽‍♀️"), " woman raising hand ");
+        assert_eq!(emoji_to_text("❤️"), " red heart ");
+        assert_eq!(emoji_to_text("a\u{FE0F}\u{200D}b🏻"), "ab");
+        assert_eq!(emoji_to_text("#1️⃣"), "# keycap: 1 ");
+    }
+
+    #[test]
+    fn text_without_emoji_is_unchanged() {
+        for text in ["plain ascii #1 *", "café “quoted” — naïve", "日本語", ""] {
+            assert_eq!(emoji_to_text(text), text);
+        }
+        assert!(matches!(emoji_to_text("ascii only"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn escapes_become_characters() {
+        assert_eq!(
+            unescape_tweet(r#"a\nb \"q\" Don\u2019t Tom &amp; Jerry &lt;3 &#39;x&#x41;"#),
+            r#"a b "q" Don’t Tom & Jerry <3 'xA"#
+        );
+        // Unknown or malformed escapes, and a lone surrogate, stay.
+        assert_eq!(unescape_tweet(r"\ud83d\ude02!"), "😂!");
+        for text in [
+            r"C:\path",
+            r"\u12",
+            r"\ud83d x",
+            r"\ude02",
+            "&nbsp; &#; &#xZZ; & ;",
+            "end\\",
+            "&",
+        ] {
+            assert_eq!(unescape_tweet(text), text);
+        }
+        assert!(matches!(unescape_tweet("nothing to do"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn prep_unescapes_then_writes_emoji() {
+        let text = r"lol\n\ud83d\ude02 &amp; \u2764";
+        assert_eq!(TextPrep::default().apply(text), text);
+        let both = TextPrep {
+            emoji: EmojiMode::Text,
+            unescape: true,
+        };
+        assert_eq!(
+            both.apply(r"lol\n😂 &amp; \u2764"),
+            "lol  face with tears of joy  &  red heart "
+        );
+        let emoji_only = TextPrep {
+            emoji: EmojiMode::Text,
+            unescape: false,
+        };
+        assert_eq!(
+            emoji_only.apply_all(&["😂", r"\n"]),
+            [" face with tears of joy ", r"\n"]
+        );
+    }
+}
