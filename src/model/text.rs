@@ -5,9 +5,10 @@
 //!
 //! - [`EmojiMode::Text`]: BERT's uncased WordPiece vocabulary has almost no
 //!   emoji; every one becomes `[UNK]`, so a tweet's 😂 and 😡 look alike to the
-//!   model (a quarter of TweetEval emotion's test tweets have one). Each emoji
-//!   is written as its CLDR name ("face with tears of joy"), as BERTweet's
-//!   tweet normaliser does.
+//!   model, and one glued to a word takes the word with it (`so funny😂😂`
+//!   is `so`, `[UNK]`; a quarter of TweetEval emotion's test tweets have
+//!   emoji). Each emoji is written as its CLDR name ("face with tears of
+//!   joy"), as BERTweet's tweet normaliser does.
 //! - `unescape` ([`unescape_tweet`]): TweetEval's files keep escapes from the
 //!   JSON and HTML they came through: a literal `\n` for a line break (one
 //!   emotion tweet in twenty; the tokenizer reads `\nKelly` as `\`, `nk`,
