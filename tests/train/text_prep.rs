@@ -55,7 +55,12 @@ fn add_extras(src: &Path, dst: &Path, prepared: bool) -> PathBuf {
     dst.to_path_buf()
 }
 
-fn run(root: &Path, data: &Path, prep: TextPrep, output: &str) -> (TrainReport, String) {
+fn run(
+    root: &Path,
+    data: &Path,
+    prep: TextPrep,
+    output: &str,
+) -> (TrainReport, String, serde_json::Value) {
     let config = TrainConfig {
         output_dir: Some(root.join(output)),
         epochs: 1,
@@ -67,7 +72,10 @@ fn run(root: &Path, data: &Path, prep: TextPrep, output: &str) -> (TrainReport, 
     let mut trainer = MultiTaskTrainer::new(config, Device::Cpu, DType::F32).unwrap();
     let report = trainer.train().unwrap();
     let weights = snapshot(&trainer.model().unwrap().parameters());
-    (report, format!("{weights:?}"))
+    // The trainer's own test pass, losses included (the scores alone are
+    // too coarse to tell two token sequences apart on the tiny model).
+    let test = json(&trainer.evaluate(Split::Test).unwrap());
+    (report, format!("{weights:?}"), test)
 }
 
 /// Each sentence's predictions, the sentence itself left out.
@@ -93,16 +101,18 @@ fn prepared_text_is_the_run_on_prepared_tweets() {
     let named = add_extras(&plain, &root.join("named"), true);
 
     let none = TextPrep::default();
-    let (text, text_weights) = run(&root, &raw, BOTH, "text");
-    let (keep_named, named_weights) = run(&root, &named, none, "keep-named");
-    let (_, raw_weights) = run(&root, &raw, none, "keep-raw");
+    let (text, text_weights, text_test) = run(&root, &raw, BOTH, "text");
+    let (keep_named, named_weights, named_test) = run(&root, &named, none, "keep-named");
+    let (_, raw_weights, raw_test) = run(&root, &raw, none, "keep-raw");
     assert_eq!(text_weights, named_weights, "the trained weights");
     assert_eq!(json(&text.val), json(&keep_named.val));
     assert_eq!(json(&text.test), json(&keep_named.test));
     assert!(text.test.is_some());
+    assert_eq!(text_test, named_test);
     // The setting changed what the model read: with the emoji kept, the
     // tokens (and so the steps) differ.
     assert_ne!(text_weights, raw_weights);
+    assert_ne!(text_test, raw_test);
 
     let loaded_text = checkpoint::load(&root.join("text"), &Device::Cpu, None).unwrap();
     let loaded_named = checkpoint::load(&root.join("keep-named"), &Device::Cpu, None).unwrap();
