@@ -115,6 +115,10 @@ pub struct TrainArgs {
     /// before tokenisation.
     #[arg(long)]
     pub unescape: bool,
+    /// Split camel-cased hashtags into their words (`#FaceYourFears` →
+    /// `#Face Your Fears`) before tokenisation.
+    #[arg(long)]
+    pub split_hashtags: bool,
     /// Stop after this many steps (writing a checkpoint); `--resume` carries on.
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -196,6 +200,7 @@ impl TrainArgs {
             pooling: self.pooling,
             emoji: self.emoji,
             unescape: self.unescape,
+            split_hashtags: self.split_hashtags,
             max_steps: self.max_steps,
             checkpoint_every: self.checkpoint_every,
             overfit: self.overfit_batch.map(|batch_size| OverfitConfig {
@@ -314,12 +319,22 @@ mod tests {
             cls.to_config().unwrap().text_prep(),
             crate::model::text::TextPrep::default()
         );
-        let prep = Cli::parse_from(["train", "--data", "d", "--emoji", "text", "--unescape"]).train;
+        let prep = Cli::parse_from([
+            "train",
+            "--data",
+            "d",
+            "--emoji",
+            "text",
+            "--unescape",
+            "--split-hashtags",
+        ])
+        .train;
         assert_eq!(
             prep.to_config().unwrap().text_prep(),
             crate::model::text::TextPrep {
                 emoji: EmojiMode::Text,
-                unescape: true
+                unescape: true,
+                split_hashtags: true,
             }
         );
         assert!(Cli::try_parse_from(["train", "--data", "d", "--emoji", "names"]).is_err());

@@ -200,6 +200,9 @@ pub struct TrainConfig {
     /// Undo escapes (`\n`, `\u2019`, `&amp;`) before tokenisation.
     #[serde(default)]
     pub unescape: bool,
+    /// Split camel-cased hashtags into words before tokenisation.
+    #[serde(default)]
+    pub split_hashtags: bool,
     /// Stop after this many optimiser steps in all (a checkpoint is written at
     /// the stop); the schedule is still that of the full run, so `--resume`
     /// carries on as if it had not stopped.
@@ -267,6 +270,7 @@ impl Default for TrainConfig {
             pooling: Pooling::Mean,
             emoji: EmojiMode::Keep,
             unescape: false,
+            split_hashtags: false,
             max_steps: None,
             checkpoint_every: None,
             overfit: None,
@@ -375,6 +379,7 @@ impl TrainConfig {
         TextPrep {
             emoji: self.emoji,
             unescape: self.unescape,
+            split_hashtags: self.split_hashtags,
         }
     }
 

@@ -1,4 +1,4 @@
-//! `emoji: Text` and `unescape` prepare the text wherever it meets the
+//! `emoji: Text`, `unescape` and `split_hashtags` prepare the text wherever it meets the
 //! tokenizer: a run on tweets with emoji and escapes is, to the bit, a run
 //! without them on the same tweets already prepared by `TextPrep::apply`
 //! (training, validation and test), and a checkpoint's `eval` and `predict`
@@ -17,16 +17,23 @@ use sentence_mtl::train::{checkpoint, MultiTaskTrainer, TrainConfig, TrainReport
 use train_support::{snapshot, temp_dir, tiny_config, tiny_data, tiny_model};
 
 /// Emoji alone, with a skin tone, as a flag, with a variation selector; an
-/// escaped line break, quote and ampersand.
-const EXTRAS: [&str; 5] = ["😂", r"\nso 😡", "👍🏽 &amp;", r"🇺🇸 Don\u2019t", "❤️"];
+/// escaped line break, quote and ampersand; camel-cased hashtags.
+const EXTRAS: [&str; 5] = [
+    "😂 #FaceYourFears",
+    r"\nso 😡",
+    "👍🏽 &amp; #NoWay",
+    r"🇺🇸 Don\u2019t",
+    "❤️#SoHappy",
+];
 
-const BOTH: TextPrep = TextPrep {
+const ALL: TextPrep = TextPrep {
     emoji: EmojiMode::Text,
     unescape: true,
+    split_hashtags: true,
 };
 
 /// Copies the tiny TweetEval folder `src` to `dst`, one of [`EXTRAS`]
-/// appended to each text (prepared by [`BOTH`] when `prepared`).
+/// appended to each text (prepared by [`ALL`] when `prepared`).
 fn add_extras(src: &Path, dst: &Path, prepared: bool) -> PathBuf {
     for task in ["emotion", "sentiment"] {
         std::fs::create_dir_all(dst.join(task)).unwrap();
@@ -41,7 +48,7 @@ fn add_extras(src: &Path, dst: &Path, prepared: bool) -> PathBuf {
                     .map(|(i, line)| {
                         let line = format!("{line} {}", EXTRAS[i % EXTRAS.len()]);
                         if prepared {
-                            BOTH.apply(&line).into_owned()
+                            ALL.apply(&line).into_owned()
                         } else {
                             line
                         }
@@ -67,6 +74,7 @@ fn run(
         test_at_end: true,
         emoji: prep.emoji,
         unescape: prep.unescape,
+        split_hashtags: prep.split_hashtags,
         ..tiny_config(&root.join("model"), data)
     };
     let mut trainer = MultiTaskTrainer::new(config, Device::Cpu, DType::F32).unwrap();
@@ -101,7 +109,7 @@ fn prepared_text_is_the_run_on_prepared_tweets() {
     let named = add_extras(&plain, &root.join("named"), true);
 
     let none = TextPrep::default();
-    let (text, text_weights, text_test) = run(&root, &raw, BOTH, "text");
+    let (text, text_weights, text_test) = run(&root, &raw, ALL, "text");
     let (keep_named, named_weights, named_test) = run(&root, &named, none, "keep-named");
     let (_, raw_weights, raw_test) = run(&root, &raw, none, "keep-raw");
     assert_eq!(text_weights, named_weights, "the trained weights");
@@ -116,7 +124,7 @@ fn prepared_text_is_the_run_on_prepared_tweets() {
 
     let loaded_text = checkpoint::load(&root.join("text"), &Device::Cpu, None).unwrap();
     let loaded_named = checkpoint::load(&root.join("keep-named"), &Device::Cpu, None).unwrap();
-    assert_eq!(loaded_text.info.config.text_prep(), BOTH);
+    assert_eq!(loaded_text.info.config.text_prep(), ALL);
     assert_eq!(loaded_named.info.config.text_prep(), none);
     let eval = |loaded, data: &Path| {
         json(&evaluate_checkpoint(loaded, Some(data), Split::Test, 4, &Device::Cpu).unwrap())
@@ -124,11 +132,21 @@ fn prepared_text_is_the_run_on_prepared_tweets() {
     assert_eq!(eval(&loaded_text, &raw), eval(&loaded_named, &named));
 
     let sentences: Vec<String> = EXTRAS.iter().map(|e| format!("so happy {e}")).collect();
-    let written: Vec<String> = BOTH.apply_all(&sentences);
+    let written: Vec<String> = ALL.apply_all(&sentences);
     let from_raw = probabilities(&loaded_text, &sentences);
     assert_eq!(from_raw, probabilities(&loaded_named, &written));
+    // Each setting on its own is followed: with only the hashtags left
+    // unsplit, predictions on a hashtag-only sentence change.
+    let mut unsplit = checkpoint::load(&root.join("text"), &Device::Cpu, None).unwrap();
+    unsplit.info.config.split_hashtags = false;
+    let hashtag = ["so #FaceYourFears".to_string()];
+    assert_ne!(
+        probabilities(&loaded_text, &hashtag),
+        probabilities(&unsplit, &hashtag)
+    );
     let mut kept = loaded_text;
     kept.info.config.emoji = EmojiMode::Keep;
     kept.info.config.unescape = false;
+    kept.info.config.split_hashtags = false;
     assert_ne!(from_raw, probabilities(&kept, &sentences));
 }
