@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 
 use super::device::DeviceArgs;
+use super::text::TextPrepArgs;
 use crate::model::{
     quantize_embeddings, Pooling, Precision, Ranges, SentenceEncoder, DEFAULT_MODEL,
 };
@@ -40,6 +41,10 @@ pub struct EncoderArgs {
     /// when the pipeline normalises.
     #[arg(long, value_name = "D")]
     pub truncate_dim: Option<usize>,
+    /// How sentences are prepared before tokenisation (off by default: the
+    /// text as written, as sentence-transformers reads it).
+    #[command(flatten)]
+    pub text: TextPrepArgs,
     /// Where the encoder runs and in which dtype.
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -51,6 +56,7 @@ impl EncoderArgs {
         let device = self.device.device()?;
         let mut encoder = SentenceEncoder::load(&self.model, self.device.dtype(), &device)?
             .with_batch_size(self.batch_size)
+            .with_text_prep(self.text.prep())
             .with_progress(true);
         if !self.pooling.is_empty() {
             encoder = encoder.with_pooling_modes(&self.pooling)?;

@@ -9,6 +9,7 @@ pub mod predict;
 pub mod search;
 pub mod similarity;
 pub mod sts;
+pub mod text;
 pub mod train;
 
 #[derive(Debug, Parser)]

@@ -9,9 +9,9 @@
 use std::path::PathBuf;
 
 use super::device::DeviceArgs;
+use super::text::TextPrepArgs;
 use crate::data::SamplerKind;
 use crate::model::multitask::Freeze;
-use crate::model::text::EmojiMode;
 use crate::model::Pooling;
 use crate::train::{ClassWeighting, MultiTaskTrainer, OverfitConfig, TaskSpec, TrainConfig};
 
@@ -107,18 +107,10 @@ pub struct TrainArgs {
     /// mean is the recipe's).
     #[arg(long, value_enum, default_value_t = Pooling::Mean)]
     pub pooling: Pooling,
-    /// Emoji before tokenisation: keep (the recipe; BERT's vocabulary maps
-    /// them to `[UNK]`) or text (each written as its name, "face with tears of joy").
-    #[arg(long, value_enum, default_value_t = EmojiMode::Keep)]
-    pub emoji: EmojiMode,
-    /// Undo the escapes tweets carry (a literal `\n`, `\u2019`, `&amp;`)
-    /// before tokenisation.
-    #[arg(long)]
-    pub unescape: bool,
-    /// Split camel-cased hashtags into their words (`#FaceYourFears` →
-    /// `#Face Your Fears`) before tokenisation.
-    #[arg(long)]
-    pub split_hashtags: bool,
+    /// How tweets are prepared before tokenisation (all off in the recipe);
+    /// the checkpoint keeps the settings for `eval` and `predict`.
+    #[command(flatten)]
+    pub text: TextPrepArgs,
     /// Stop after this many steps (writing a checkpoint); `--resume` carries on.
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -198,9 +190,9 @@ impl TrainArgs {
             seed: self.seed,
             class_weighting: self.class_weighting,
             pooling: self.pooling,
-            emoji: self.emoji,
-            unescape: self.unescape,
-            split_hashtags: self.split_hashtags,
+            emoji: self.text.emoji,
+            unescape: self.text.unescape,
+            split_hashtags: self.text.split_hashtags,
             max_steps: self.max_steps,
             checkpoint_every: self.checkpoint_every,
             overfit: self.overfit_batch.map(|batch_size| OverfitConfig {
@@ -273,6 +265,7 @@ mod tests {
 
     use super::*;
     use crate::data::TaskKind;
+    use crate::model::text::EmojiMode;
 
     #[derive(Parser)]
     struct Cli {

@@ -2,6 +2,8 @@
 //! sentence-transformers pipeline (Transformer, Pooling, any Dense, optional
 //! Normalize), with its prompts.
 
+use std::borrow::Cow;
+
 use anyhow::bail;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,6 +15,7 @@ use super::config::{Pooling, SentenceConfig};
 use super::dense::Dense;
 use super::pooling::{exclude_prefix, pool};
 use super::resolve::{resolve_model, ModelFiles};
+use super::text::TextPrep;
 use super::tokenize::{load_tokenizer, pad, pad_id, tokenize, Tokens};
 
 /// sentence-transformers' default batch size.
@@ -41,6 +44,8 @@ pub struct SentenceEncoder {
     progress: bool,
     /// Keep only the first this-many values of each embedding (Matryoshka).
     truncate_dim: Option<usize>,
+    /// How texts are prepared before tokenisation (by default not at all).
+    text_prep: TextPrep,
 }
 
 impl SentenceEncoder {
@@ -77,6 +82,7 @@ impl SentenceEncoder {
             batch_size: DEFAULT_BATCH_SIZE,
             progress: false,
             truncate_dim: None,
+            text_prep: TextPrep::default(),
         };
         encoder.check_widths()?;
         encoder.with_prompt(default_prompt.as_deref())
@@ -103,6 +109,21 @@ impl SentenceEncoder {
             width = dense.out_features();
         }
         Ok(())
+    }
+
+    /// Prepares every text with `prep` before tokenisation (emoji as names,
+    /// escapes undone, hashtags split: [`TextPrep`]); the prompt is left as
+    /// it is. The default, no preparation, reads texts as sentence-transformers
+    /// does; a model fine-tuned with `train --emoji text ...` wants the same
+    /// settings here.
+    pub fn with_text_prep(mut self, prep: TextPrep) -> Self {
+        self.text_prep = prep;
+        self
+    }
+
+    /// How texts are prepared before tokenisation.
+    pub fn text_prep(&self) -> TextPrep {
+        self.text_prep
     }
 
     /// Sentences per forward pass (default 32); 0 is taken as 1.
@@ -232,16 +253,22 @@ impl SentenceEncoder {
         &self.device
     }
 
-    /// Tokenizes `texts` one by one, after the prompt if one is set: `[CLS] ...
-    /// [SEP]`, truncated, unpadded.
+    /// Tokenizes `texts` one by one, prepared (see
+    /// [`with_text_prep`](Self::with_text_prep)) and after the prompt if one
+    /// is set: `[CLS] ... [SEP]`, truncated, unpadded.
     pub fn tokenize(&self, texts: &[&str]) -> anyhow::Result<Vec<Tokens>> {
+        let prepared: Vec<Cow<'_, str>> = texts.iter().map(|t| self.text_prep.apply(t)).collect();
         match &self.prompt {
             Some(prompt) => {
-                let prompted: Vec<String> = texts.iter().map(|t| format!("{prompt}{t}")).collect();
+                let prompted: Vec<String> =
+                    prepared.iter().map(|t| format!("{prompt}{t}")).collect();
                 let refs: Vec<&str> = prompted.iter().map(String::as_str).collect();
                 tokenize(&self.tokenizer, &refs)
             }
-            None => tokenize(&self.tokenizer, texts),
+            None => {
+                let refs: Vec<&str> = prepared.iter().map(|t| t.as_ref()).collect();
+                tokenize(&self.tokenizer, &refs)
+            }
         }
     }
 

@@ -383,6 +383,28 @@ fn a_prompt_changes_the_embedding_as_the_text_written_before_it_would() {
 }
 
 #[test]
+fn embed_text_flags_embed_the_prepared_text() {
+    let embed = |args: &[&str]| -> Vec<Vec<f64>> {
+        let mut all: Vec<&std::ffi::OsStr> =
+            vec!["embed".as_ref(), "--device".as_ref(), "cpu".as_ref()];
+        all.extend(args.iter().map(std::ffi::OsStr::new));
+        serde_json::from_value(run_cli_json(&all)).unwrap()
+    };
+    let raw = "so funny😂 &amp; #FaceYourFears";
+    let flags = ["--emoji", "text", "--unescape", "--split-hashtags"];
+    let prepared = embed(&[&flags[..], &[raw]].concat());
+    let written = embed(&["so funny face with tears of joy  & #Face Your Fears"]);
+    let plain = embed(&[raw]);
+    for (a, b) in prepared[0].iter().zip(&written[0]) {
+        assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+    }
+    assert!(prepared[0]
+        .iter()
+        .zip(&plain[0])
+        .any(|(a, b)| (a - b).abs() > 1e-3));
+}
+
+#[test]
 fn search_on_embed_npy_output_finds_what_the_text_corpus_finds() {
     let corpus = temp_file("corpus-for-npy.txt", CORPUS.as_bytes());
     let npy = corpus.with_extension("npy");

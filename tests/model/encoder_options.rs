@@ -93,3 +93,46 @@ fn quantised_embeddings_keep_the_similarity_order() {
     };
     assert!(hamming(0, 1) < hamming(0, 2));
 }
+
+/// `with_text_prep` prepares each text before tokenisation (the prompt
+/// left as it is): the same embeddings as the prepared texts, and not
+/// those of the raw ones.
+#[test]
+fn text_prep_embeds_the_prepared_text() {
+    use sentence_mtl::model::text::{EmojiMode, TextPrep};
+    let prep = TextPrep {
+        emoji: EmojiMode::Text,
+        unescape: true,
+        split_hashtags: true,
+    };
+    let raw = ["so funny😂 &amp; #FaceYourFears", r"line\nbreak 😡"];
+    let written: Vec<String> = prep.apply_all(&raw);
+    let written: Vec<&str> = written.iter().map(String::as_str).collect();
+    assert_ne!(raw[..], written[..]);
+    let prepared = encoder().with_text_prep(prep);
+    assert_eq!(prepared.text_prep(), prep);
+    let from_raw = prepared.encode(&raw).unwrap().to_vec2::<f32>().unwrap();
+    let plain = encoder();
+    assert_eq!(plain.text_prep(), TextPrep::default());
+    assert_eq!(
+        from_raw,
+        plain.encode(&written).unwrap().to_vec2::<f32>().unwrap()
+    );
+    assert_ne!(
+        from_raw,
+        plain.encode(&raw).unwrap().to_vec2::<f32>().unwrap()
+    );
+    // With a prompt, the prompt goes before the prepared text.
+    let prompted = |e: SentenceEncoder, texts: &[&str]| {
+        e.with_prompt(Some("query: &amp; "))
+            .unwrap()
+            .encode(texts)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        prompted(encoder().with_text_prep(prep), &raw),
+        prompted(encoder(), &written)
+    );
+}

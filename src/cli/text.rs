@@ -1,0 +1,32 @@
+//! The text-preparation flags (`--emoji`, `--unescape`, `--split-hashtags`),
+//! shared by `train` and the commands that run the encoder.
+
+use crate::model::text::{EmojiMode, TextPrep};
+
+/// How texts are prepared before tokenisation; all off by default.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TextPrepArgs {
+    /// Emoji before tokenisation: keep (BERT's vocabulary maps them to
+    /// `[UNK]`) or text (each written as its name, "face with tears of joy").
+    #[arg(long, value_enum, default_value_t = EmojiMode::Keep)]
+    pub emoji: EmojiMode,
+    /// Undo the escapes tweets carry (a literal `\n`, `\u2019`, `&amp;`)
+    /// before tokenisation.
+    #[arg(long)]
+    pub unescape: bool,
+    /// Split camel-cased hashtags into their words (`#FaceYourFears` →
+    /// `#Face Your Fears`) before tokenisation.
+    #[arg(long)]
+    pub split_hashtags: bool,
+}
+
+impl TextPrepArgs {
+    /// The settings these flags name.
+    pub fn prep(&self) -> TextPrep {
+        TextPrep {
+            emoji: self.emoji,
+            unescape: self.unescape,
+            split_hashtags: self.split_hashtags,
+        }
+    }
+}
