@@ -362,17 +362,19 @@ fn an_unknown_prompt_name_is_an_error_naming_the_models_prompts() {
     );
 }
 
+/// `embed --device cpu ARGS...`'s JSON embeddings.
+fn embed_cpu(args: &[&str]) -> Vec<Vec<f64>> {
+    let mut all: Vec<&std::ffi::OsStr> =
+        vec!["embed".as_ref(), "--device".as_ref(), "cpu".as_ref()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    serde_json::from_value(run_cli_json(&all)).unwrap()
+}
+
 #[test]
 fn a_prompt_changes_the_embedding_as_the_text_written_before_it_would() {
-    let embed = |args: &[&str]| -> Vec<Vec<f64>> {
-        let mut all: Vec<&std::ffi::OsStr> =
-            vec!["embed".as_ref(), "--device".as_ref(), "cpu".as_ref()];
-        all.extend(args.iter().map(std::ffi::OsStr::new));
-        serde_json::from_value(run_cli_json(&all)).unwrap()
-    };
-    let prompted = embed(&["--prompt", "query: ", "how do magnets work"]);
-    let written = embed(&["query: how do magnets work"]);
-    let plain = embed(&["how do magnets work"]);
+    let prompted = embed_cpu(&["--prompt", "query: ", "how do magnets work"]);
+    let written = embed_cpu(&["query: how do magnets work"]);
+    let plain = embed_cpu(&["how do magnets work"]);
     for (a, b) in prompted[0].iter().zip(&written[0]) {
         assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
     }
@@ -384,17 +386,11 @@ fn a_prompt_changes_the_embedding_as_the_text_written_before_it_would() {
 
 #[test]
 fn embed_text_flags_embed_the_prepared_text() {
-    let embed = |args: &[&str]| -> Vec<Vec<f64>> {
-        let mut all: Vec<&std::ffi::OsStr> =
-            vec!["embed".as_ref(), "--device".as_ref(), "cpu".as_ref()];
-        all.extend(args.iter().map(std::ffi::OsStr::new));
-        serde_json::from_value(run_cli_json(&all)).unwrap()
-    };
     let raw = "so funny😂 &amp; #FaceYourFears";
     let flags = ["--emoji", "text", "--unescape", "--split-hashtags"];
-    let prepared = embed(&[&flags[..], &[raw]].concat());
-    let written = embed(&["so funny face with tears of joy  & #Face Your Fears"]);
-    let plain = embed(&[raw]);
+    let prepared = embed_cpu(&[&flags[..], &[raw]].concat());
+    let written = embed_cpu(&["so funny face with tears of joy  & #Face Your Fears"]);
+    let plain = embed_cpu(&[raw]);
     for (a, b) in prepared[0].iter().zip(&written[0]) {
         assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
     }
