@@ -370,18 +370,21 @@ fn embed_cpu(args: &[&str]) -> Vec<Vec<f64>> {
     serde_json::from_value(run_cli_json(&all)).unwrap()
 }
 
+/// `got` is the embedding of the text as written out (to 1e-6), not that of
+/// the plain text.
+fn assert_written_not_plain(got: &[f64], written: &[f64], plain: &[f64]) {
+    for (a, b) in got.iter().zip(written) {
+        assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+    }
+    assert!(got.iter().zip(plain).any(|(a, b)| (a - b).abs() > 1e-3));
+}
+
 #[test]
 fn a_prompt_changes_the_embedding_as_the_text_written_before_it_would() {
     let prompted = embed_cpu(&["--prompt", "query: ", "how do magnets work"]);
     let written = embed_cpu(&["query: how do magnets work"]);
     let plain = embed_cpu(&["how do magnets work"]);
-    for (a, b) in prompted[0].iter().zip(&written[0]) {
-        assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
-    }
-    assert!(prompted[0]
-        .iter()
-        .zip(&plain[0])
-        .any(|(a, b)| (a - b).abs() > 1e-3));
+    assert_written_not_plain(&prompted[0], &written[0], &plain[0]);
 }
 
 #[test]
@@ -391,13 +394,7 @@ fn embed_text_flags_embed_the_prepared_text() {
     let prepared = embed_cpu(&[&flags[..], &[raw]].concat());
     let written = embed_cpu(&["so funny face with tears of joy  & #Face Your Fears"]);
     let plain = embed_cpu(&[raw]);
-    for (a, b) in prepared[0].iter().zip(&written[0]) {
-        assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
-    }
-    assert!(prepared[0]
-        .iter()
-        .zip(&plain[0])
-        .any(|(a, b)| (a - b).abs() > 1e-3));
+    assert_written_not_plain(&prepared[0], &written[0], &plain[0]);
 }
 
 #[test]
