@@ -73,10 +73,20 @@ __device__ __forceinline__ void block_min_pair(long long &key, long long &value)
   warp_min_pair(key, value);
 }
 
-// grad[i, :] = (softmax(row i) - onehot(y)) * scale, or 0 for an ignored row.
+// The target's weight on class j of a row labelled y: 1 - eps + eps/C on the
+// label, eps/C elsewhere (exactly 1 and 0 when eps is 0).
+__device__ __forceinline__ double smoothed_target(double eps, size_t classes, long long y,
+                                                  size_t j) {
+  const double off = eps / (double)classes;
+  return (long long)j == y ? 1.0 - eps + off : off;
+}
+
+// grad[i, :] = (softmax(row i) - target) * scale, the target one-hot or, with
+// label smoothing eps, smoothed; 0 for an ignored row.
 template <typename T>
 __device__ __forceinline__ void head_grad(const Head<T> &head, size_t i, long long y,
-                                          typename Elem<T>::acc_t scale, T *out) {
+                                          typename Elem<T>::acc_t scale, T *out,
+                                          double smoothing = 0.0) {
   typedef typename Elem<T>::acc_t A;
   if (y < 0) {  // ignored (out of range cannot reach here: the forward rejects it)
     for (size_t j = 0; j < head.classes; ++j) out[j] = from_acc<T>(A(0));
@@ -87,6 +97,6 @@ __device__ __forceinline__ void head_grad(const Head<T> &head, size_t i, long lo
   const A per_exp = scale / s;
   for (size_t j = 0; j < head.classes; ++j) {
     const A p = exp(head.at(i, j) - m) * per_exp;
-    out[j] = from_acc<T>((long long)j == y ? p - scale : p);
+    out[j] = from_acc<T>(p - scale * A(smoothed_target(smoothing, head.classes, y, j)));
   }
 }

@@ -5,9 +5,10 @@
 //
 // The heads' settings come in a small table on the device (int64 words, built
 // by the launch plan from the op's `CeHead`s):
-//   word 5h + 0: the head's first column     word 5h + 3: its weight w_h (f64 bits)
-//   word 5h + 1: its class count             word 5h + 4: where its class weights
-//   word 5h + 2: its ignore index                         start in the table, or -1
+//   word 6h + 0: the head's first column     word 6h + 3: its weight w_h (f64 bits)
+//   word 6h + 1: its class count             word 6h + 4: where its class weights
+//   word 6h + 2: its ignore index                         start in the table, or -1
+//   word 6h + 5: its label smoothing eps (f64 bits)
 // followed by the class weights (f64 bits).
 //
 // As in the dual-head kernels one thread owns one row (class counts are a
@@ -31,13 +32,13 @@
 #include "cross_entropy.cuh"
 
 // Words per head in the settings table.
-#define MHCE_HEAD_WORDS 5
+#define MHCE_HEAD_WORDS 6
 
 // One head's settings, read from the table.
 struct HeadSpec {
   size_t column, classes;
   long long ignore;
-  double weight;
+  double weight, smoothing;
   const long long *class_weights;  // f64 bits, or null for all 1
 
   __device__ __forceinline__ static HeadSpec read(const long long *table, int h) {
@@ -48,6 +49,7 @@ struct HeadSpec {
     s.ignore = w[2];
     s.weight = __longlong_as_double(w[3]);
     s.class_weights = w[4] >= 0 ? table + w[4] : nullptr;
+    s.smoothing = __longlong_as_double(w[5]);
     return s;
   }
 
@@ -108,7 +110,13 @@ __device__ __forceinline__ void mhce_fwd(const T *logits, size_t row_stride, siz
         A m, s;
         head.log_sum_exp(i, m, s);
         const A cw = A(spec.class_weight(y));
-        loss += cw * ((m - head.at(i, (size_t)y)) + log(s));  // max - x_y first: exact
+        // sum_j q_j (max - x_j) first (max - x_y alone, exact, without smoothing).
+        A shifted = A(0);
+        for (size_t j = 0; j < spec.classes; ++j) {
+          const A q = A(smoothed_target(spec.smoothing, spec.classes, y, j));
+          if (q != A(0)) shifted += q * (m - head.at(i, j));
+        }
+        loss += cw * (shifted + log(s));
         weight += cw;
       } else if (y == -2) {
         min_pair(bad_key, bad_value, (long long)i * heads + h, label);
@@ -185,7 +193,7 @@ __device__ __forceinline__ void mhce_bwd(const T *logits, size_t row_stride, siz
       const long long y = decode(label, spec.ignore, spec.classes);
       const A row_scale = y >= 0 ? scale * A(spec.class_weight(y)) : A(0);
       head_grad(spec.logits(logits, row_stride, col_stride), i, y, row_scale,
-                grads + i * width + spec.column);
+                grads + i * width + spec.column, spec.smoothing);
     }
   }
 }

@@ -103,6 +103,10 @@ pub struct TrainArgs {
     /// (`n / (k·n_c)` on the training split).
     #[arg(long, value_enum, default_value_t = ClassWeighting::None)]
     pub class_weighting: ClassWeighting,
+    /// Label smoothing of the classification losses, in [0, 1]: the target
+    /// puts 1 − ε + ε/C on the label and ε/C on each other class.
+    #[arg(long, value_name = "EPS", default_value_t = 0.0)]
+    pub label_smoothing: f64,
     /// How token states become the sentence vector the heads read (one mode;
     /// mean is the recipe's).
     #[arg(long, value_enum, default_value_t = Pooling::Mean)]
@@ -189,6 +193,7 @@ impl TrainArgs {
             sampler: self.sampler,
             seed: self.seed,
             class_weighting: self.class_weighting,
+            label_smoothing: self.label_smoothing,
             pooling: self.pooling,
             emoji: self.text.emoji,
             unescape: self.text.unescape,
@@ -284,6 +289,19 @@ mod tests {
             ..TrainConfig::default()
         };
         assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn label_smoothing_flag() {
+        let parse = |eps: &str| {
+            Cli::parse_from(["train", "--data", "d", "--label-smoothing", eps])
+                .train
+                .to_config()
+                .unwrap()
+        };
+        assert_eq!(parse("0.1").label_smoothing, 0.1);
+        let err = parse("1.5").validate().unwrap_err().to_string();
+        assert!(err.contains("label_smoothing must be in [0, 1]"), "{err}");
     }
 
     #[test]

@@ -318,6 +318,8 @@ pub struct TaskLoss {
     pub weight: f64,
     /// A classification task's per-class weights (`None`: all 1).
     pub class_weights: Option<Vec<f64>>,
+    /// A classification task's label smoothing (see [`CeHead::label_smoothing`]).
+    pub label_smoothing: f64,
 }
 
 impl TaskLoss {
@@ -326,6 +328,7 @@ impl TaskLoss {
         Self {
             weight,
             class_weights: None,
+            label_smoothing: 0.0,
         }
     }
 }
@@ -656,6 +659,7 @@ impl MultiTaskModel {
                     task.classes().map(|classes| CeHead {
                         weight: loss.weight,
                         class_weights: loss.class_weights.clone(),
+                        label_smoothing: loss.label_smoothing,
                         ..CeHead::new(classes)
                     })
                 })

@@ -189,6 +189,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// How classification tasks weigh their classes.
     pub class_weighting: ClassWeighting,
+    /// Label smoothing of every classification task's cross-entropy, in
+    /// `[0, 1]` (0: the one-hot target, the recipe's; runs from before this
+    /// setting had none).
+    #[serde(default)]
+    pub label_smoothing: f64,
     /// How the model pools token states into the sentence vector its heads
     /// (and similarity tasks) read; runs from before this setting used mean.
     #[serde(default = "mean_pooling")]
@@ -267,6 +272,7 @@ impl Default for TrainConfig {
             sampler: SamplerKind::Proportional,
             seed: 42,
             class_weighting: ClassWeighting::None,
+            label_smoothing: 0.0,
             pooling: Pooling::Mean,
             emoji: EmojiMode::Keep,
             unescape: false,
@@ -295,8 +301,8 @@ impl TrainConfig {
 
     /// Checks that the settings make a run: counts and sizes at least 1 (`max_len`
     /// at least 2, the overfit batch at least 2), learning rates and loss weights
-    /// finite and non-negative, `weight_decay` non-negative, `warmup_ratio` in
-    /// [0, 1], a positive `max_grad_norm`, and `output_dir` set when `resume` is;
+    /// finite and non-negative, `weight_decay` non-negative, `warmup_ratio` and
+    /// `label_smoothing` in [0, 1], a positive `max_grad_norm`, and `output_dir` set when `resume` is;
     /// the error names the first setting at fault.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.epochs >= 1, "epochs must be at least 1");
@@ -326,6 +332,11 @@ impl TrainConfig {
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.warmup_ratio),
             "warmup_ratio must be in [0, 1]"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.label_smoothing),
+            "label_smoothing must be in [0, 1], got {}",
+            self.label_smoothing
         );
         if let Some(norm) = self.max_grad_norm {
             anyhow::ensure!(norm > 0.0, "max_grad_norm must be positive");

@@ -249,6 +249,7 @@ impl MultiTaskTrainer {
                         .weights(&split.labels, task.source.label_names().len()),
                     TaskRows::Pairs(_) => None,
                 },
+                label_smoothing: config.label_smoothing,
             })
             .collect();
 

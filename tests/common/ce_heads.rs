@@ -46,8 +46,8 @@ pub fn label_tensor(labels: &[i64], cols: usize, dtype: DType) -> Result<Tensor>
     Tensor::from_vec(labels.to_vec(), (n, cols), &Device::Cpu)?.to_dtype(dtype)
 }
 
-/// Heads of random class counts, weights, class weights and (sometimes) an
-/// ignore index of their own.
+/// Heads of random class counts, weights, class weights, label smoothing and
+/// (sometimes) an ignore index of their own.
 pub fn random_heads(rng: &mut StdRng, h: usize, label_dtype: DType) -> (Vec<CeHead>, Vec<i64>) {
     let heads: Vec<CeHead> = (0..h)
         .map(|_| {
@@ -59,6 +59,9 @@ pub fn random_heads(rng: &mut StdRng, h: usize, label_dtype: DType) -> (Vec<CeHe
             }
             if rng.random_bool(0.3) {
                 head.ignore_index = Some(rng.random_range(9..100));
+            }
+            if rng.random_bool(0.5) {
+                head = head.with_label_smoothing(rng.random_range(0.0..=1.0));
             }
             head
         })

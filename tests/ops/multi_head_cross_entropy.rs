@@ -159,7 +159,7 @@ fn two_heads_are_the_dual_head_op() -> Result<()> {
 }
 
 /// The fused op and candle's composed ops agree on losses and gradients, with
-/// class weights and head weights.
+/// class weights, head weights and label smoothing.
 #[test]
 fn fused_equals_composed() -> Result<()> {
     let mut rng = rng(11);
@@ -168,15 +168,23 @@ fn fused_equals_composed() -> Result<()> {
         CeHead::new(4)
             .with_class_weights(vec![0.5, 2.0, 1.0, 3.0])
             .with_weight(0.7),
-        CeHead::new(3),
+        CeHead::new(3).with_label_smoothing(0.1),
         CeHead::new(2).with_weight(1.5),
+        CeHead::new(5)
+            .with_label_smoothing(0.3)
+            .with_class_weights(vec![1.0, 0.5, 2.0, 1.5, 0.2]),
     ];
     let labels = label_tensor(
-        &random_labels(&mut rng, n, &heads, &[IGNORE_INDEX; 3], 0.3),
-        3,
+        &random_labels(&mut rng, n, &heads, &[IGNORE_INDEX; 4], 0.3),
+        4,
         DType::I64,
     )?;
-    let logits = Var::from_tensor(&random_tensor(&mut rng, &[n, 9], DType::F32, &Device::Cpu)?)?;
+    let logits = Var::from_tensor(&random_tensor(
+        &mut rng,
+        &[n, 14],
+        DType::F32,
+        &Device::Cpu,
+    )?)?;
     let fused = multi_head_cross_entropy(logits.as_tensor(), &labels, &heads)?;
     let composed = multi_head_cross_entropy_composed(logits.as_tensor(), &labels, &heads)?;
     assert_close_tol(
@@ -205,7 +213,9 @@ fn gradient_matches_finite_differences() -> Result<()> {
     let (n, heads) = (
         6,
         [
-            CeHead::new(3).with_class_weights(vec![1.0, 2.0, 0.5]),
+            CeHead::new(3)
+                .with_class_weights(vec![1.0, 2.0, 0.5])
+                .with_label_smoothing(0.2),
             CeHead::new(2).with_weight(0.3),
         ],
     );
@@ -235,6 +245,60 @@ fn gradient_matches_finite_differences() -> Result<()> {
         })
         .collect();
     assert_close_tol("finite differences", &got, &want, 1e-6, 1e-8);
+    Ok(())
+}
+
+/// Label smoothing in closed form: with ε = 1 the target is uniform, so a
+/// row's loss is `logsumexp(z) − mean(z)` whatever its label; with ε the loss
+/// is `(1 − ε)·CE(one-hot) + ε·CE(uniform)`, and the gradient rows still sum
+/// to 0.
+#[test]
+fn label_smoothing_mixes_one_hot_and_uniform() -> Result<()> {
+    let mut rng = rng(17);
+    let n = 9;
+    let logits = random_tensor(&mut rng, &[n, 4], DType::F64, &Device::Cpu)?;
+    let labels = Tensor::from_vec(
+        (0..n as i64).map(|i| i % 4).collect::<Vec<_>>(),
+        (n, 1),
+        &Device::Cpu,
+    )?;
+    let loss = |eps: f64| -> Result<f64> {
+        multi_head_cross_entropy(
+            &logits,
+            &labels,
+            &[CeHead::new(4).with_label_smoothing(eps)],
+        )?
+        .total
+        .to_scalar::<f64>()
+    };
+    let z = values(&logits);
+    let uniform: f64 = z
+        .chunks(4)
+        .map(|row| {
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            lse - row.iter().sum::<f64>() / 4.0
+        })
+        .sum::<f64>()
+        / n as f64;
+    assert_close_tol("eps = 1", &[loss(1.0)?], &[uniform], 1e-12, 1e-12);
+    let (one_hot, eps) = (loss(0.0)?, 0.15);
+    assert_close_tol(
+        "mixture",
+        &[loss(eps)?],
+        &[(1.0 - eps) * one_hot + eps * uniform],
+        1e-12,
+        1e-12,
+    );
+    assert!(loss(eps)? != one_hot);
+    let var = Var::from_tensor(&logits)?;
+    let head = [CeHead::new(4).with_label_smoothing(eps)];
+    let grads = multi_head_cross_entropy(var.as_tensor(), &labels, &head)?
+        .total
+        .backward()?;
+    for row in values(grads.get(var.as_tensor()).unwrap()).chunks(4) {
+        assert!(row.iter().sum::<f64>().abs() < 1e-12, "{row:?}");
+    }
     Ok(())
 }
 
@@ -300,6 +364,14 @@ fn bad_input_is_a_clear_error() -> Result<()> {
         &[CeHead::new(4).with_weight(f64::NAN), CeHead::new(3)]
     )
     .contains("weight NaN"));
+    for eps in [-0.1, 1.5, f64::NAN] {
+        let msg = err(
+            &logits,
+            &labels,
+            &[CeHead::new(4), CeHead::new(3).with_label_smoothing(eps)],
+        );
+        assert!(msg.contains("head 1 has label smoothing"), "{msg}");
+    }
     assert!(err(&logits, &labels.to_dtype(DType::F32)?, &heads).contains("integer"));
     assert!(err(&logits.to_dtype(DType::U32)?, &labels, &heads).contains("logits"));
     assert!(err(&logits, &labels, &[]).contains("at least one head"));

@@ -220,3 +220,36 @@ fn a_resumed_run_ends_where_an_uninterrupted_run_ends() {
     assert!(err.contains("head_lr"), "{err}");
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// Label smoothing reaches the trainer's loss (the same seed and batches, other
+/// losses from the first step), and a checkpoint's config from before the
+/// setting reads as no smoothing.
+#[test]
+fn label_smoothing_changes_the_loss_and_defaults_to_none() {
+    let root = fixtures("smoothing");
+    let (_, plain, _) = train(TrainConfig {
+        output_dir: None,
+        epochs: 1,
+        ..config(&root, "plain")
+    });
+    let (_, smoothed, _) = train(TrainConfig {
+        output_dir: None,
+        epochs: 1,
+        label_smoothing: 0.2,
+        ..config(&root, "smoothed")
+    });
+    assert_eq!(plain.steps.len(), smoothed.steps.len());
+    for (a, b) in plain.steps.iter().zip(&smoothed.steps) {
+        assert!(a.total.is_finite() && b.total.is_finite());
+        assert_ne!(a.total, b.total, "step {}", a.step);
+    }
+    let mut saved = serde_json::to_value(config(&root, "old")).unwrap();
+    saved
+        .as_object_mut()
+        .unwrap()
+        .remove("label_smoothing")
+        .unwrap();
+    let old: TrainConfig = serde_json::from_value(saved).unwrap();
+    assert_eq!(old.label_smoothing, 0.0);
+    std::fs::remove_dir_all(root).unwrap();
+}

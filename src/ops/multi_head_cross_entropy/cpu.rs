@@ -1,7 +1,8 @@
 //! The CPU pass of the N-head cross-entropy: every head of every row in one
 //! pass over the rows (rayon over row chunks for large batches), logits and
 //! labels read in place through their strides. With `keep_grads` the pass also
-//! writes `(softmax − onehot)·cw[y]` of each labelled row while the
+//! writes `(softmax − target)·cw[y]` of each labelled row (the target one-hot,
+//! or smoothed) while the
 //! exponentials are at hand, so that the backward only scales it.
 
 use candle_core::{CpuStorage, Result};
@@ -80,15 +81,24 @@ where
                         sum += (at(j) - max).exp();
                     }
                     let cw = class_weights[h].as_ref().map_or(T::Acc::one(), |w| w[y]);
-                    // max − z_y first: exact, then the log of the sum.
-                    sums.loss[h] += cw * ((max - at(y)) + sum.ln());
+                    let target = SmoothedTarget::new(plan.smoothing[h], classes, y);
+                    // Σ q_j (max − z_j) first (max − z_y alone, exact, without
+                    // smoothing), then the log of the sum.
+                    let mut shifted = T::Acc::zero();
+                    for j in 0..classes {
+                        let q = target.at::<T::Acc>(j);
+                        if q != T::Acc::zero() {
+                            shifted += q * (max - at(j));
+                        }
+                    }
+                    sums.loss[h] += cw * (shifted + sum.ln());
                     sums.weight[h] += cw;
                     if let Some(grads) = grads.as_deref_mut() {
                         let row = &mut grads[(i - start) * width + plan.columns[h]..][..classes];
                         let per_exp = cw / sum;
                         for (j, g) in row.iter_mut().enumerate() {
                             let p = (at(j) - max).exp() * per_exp;
-                            *g = if j == y { p - cw } else { p };
+                            *g = p - cw * target.at::<T::Acc>(j);
                         }
                     }
                 }
@@ -130,6 +140,29 @@ where
         weight: total.weight,
         grads,
     })
+}
+
+/// A row's target distribution: `1 − ε + ε/C` on the label, `ε/C` elsewhere
+/// (exactly 1 and 0 without smoothing).
+struct SmoothedTarget {
+    label: usize,
+    on: f64,
+    off: f64,
+}
+
+impl SmoothedTarget {
+    fn new(smoothing: f64, classes: usize, label: usize) -> Self {
+        let off = smoothing / classes as f64;
+        Self {
+            label,
+            on: 1.0 - smoothing + off,
+            off,
+        }
+    }
+
+    fn at<A: Accum>(&self, j: usize) -> A {
+        A::of(if j == self.label { self.on } else { self.off })
+    }
 }
 
 /// `kept[i, cols of h] · scales[h]` for every head, rounded once to `T`.

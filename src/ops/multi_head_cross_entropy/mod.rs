@@ -13,7 +13,11 @@
 //! ```
 //!
 //! with `cw_h` the head's class weights (all 1 by default: the mean over its
-//! labelled rows; with weights, PyTorch's `CrossEntropyLoss(weight=…)`). A row
+//! labelled rows; with weights, PyTorch's `CrossEntropyLoss(weight=…)`). With
+//! label smoothing `ε_h` the target is `(1 − ε_h)·onehot(y) + ε_h / C_h` and the
+//! row's term `logsumexp(z) − Σ_j q_j z_j` (still weighted by `cw_h[y_i]`: the
+//! same as PyTorch's `label_smoothing` without class weights; PyTorch weighs
+//! the smoothing part of a row by each class's weight instead). A row
 //! whose label in column `h` is that head's ignore index is left out of head
 //! `h`; a head with no labelled row has loss 0 and a zero gradient.
 //!
@@ -24,7 +28,7 @@
 //! One fused `CustomOp3` (`(logits, labels, head table) -> [H + 1]`: the heads'
 //! losses, then the total). CPU: one pass over the rows for all heads
 //! (`cpu.rs`), labels checked in the same pass; its backward scales the
-//! `softmax − onehot` the forward kept by `(g_h + w_h·g_total) / Σcw`. CUDA:
+//! `softmax − target` the forward kept by `(g_h + w_h·g_total) / Σcw`. CUDA:
 //! `kernels/multi_head_cross_entropy.cu`, launch plans in `cuda.rs`: one
 //! forward launch for all heads (two past one block of rows), one backward
 //! launch; the heads' settings travel as a small table of words (`Plan::table`).
@@ -65,6 +69,9 @@ pub struct CeHead {
     /// Per-class weights (`classes` values, each ≥ 0): the head's loss is their
     /// weighted mean over its labelled rows. `None` weighs every class 1.
     pub class_weights: Option<Vec<f64>>,
+    /// Label smoothing `ε` in `[0, 1]`: the target puts `1 − ε + ε/C` on the
+    /// label and `ε/C` on every other class (0: the one-hot target).
+    pub label_smoothing: f64,
 }
 
 impl CeHead {
@@ -76,6 +83,7 @@ impl CeHead {
             weight: 1.0,
             ignore_index: None,
             class_weights: None,
+            label_smoothing: 0.0,
         }
     }
 
@@ -88,6 +96,14 @@ impl CeHead {
     pub fn with_class_weights(self, class_weights: Vec<f64>) -> Self {
         Self {
             class_weights: Some(class_weights),
+            ..self
+        }
+    }
+
+    /// The same head with label smoothing `label_smoothing` (in `[0, 1]`).
+    pub fn with_label_smoothing(self, label_smoothing: f64) -> Self {
+        Self {
+            label_smoothing,
             ..self
         }
     }
@@ -111,7 +127,7 @@ pub struct MultiHeadLoss {
 ///
 /// Errors: wrong ranks, `N` or `H` mismatches, `ΣC` not the logits' width, a
 /// head of 0 classes, class weights of the wrong length or negative, a
-/// negative or non-finite head weight, and a label that is neither a class of
+/// negative or non-finite head weight, label smoothing outside `[0, 1]`, and a label that is neither a class of
 /// its head nor its ignore index (naming the head, row and value).
 pub fn multi_head_cross_entropy(
     logits: &Tensor,
@@ -162,6 +178,7 @@ pub(crate) struct Plan {
     ignore: Vec<i64>,
     weights: Vec<f64>,
     class_weights: Vec<Option<Vec<f64>>>,
+    smoothing: Vec<f64>,
 }
 
 impl Plan {
@@ -181,6 +198,7 @@ impl Plan {
                 .collect::<Result<_>>()?,
             weights: heads.iter().map(|h| h.weight).collect(),
             class_weights: heads.iter().map(|h| h.class_weights.clone()).collect(),
+            smoothing: heads.iter().map(|h| h.label_smoothing).collect(),
         })
     }
 
@@ -193,9 +211,9 @@ impl Plan {
     }
 
     /// The heads' settings as the kernels read them (i64 words): per head its
-    /// first column, class count, ignore index, weight (f64 bits) and where its
-    /// class weights start in the table (-1 for none); then the class weights
-    /// (f64 bits).
+    /// first column, class count, ignore index, weight (f64 bits), where its
+    /// class weights start in the table (-1 for none) and its label smoothing
+    /// (f64 bits); then the class weights (f64 bits).
     fn table(&self) -> Vec<i64> {
         let h = self.heads();
         let mut words = Vec::with_capacity(h * TABLE_HEAD_WORDS + self.width());
@@ -215,6 +233,7 @@ impl Plan {
                 self.ignore[head],
                 self.weights[head].to_bits() as i64,
                 cw_start,
+                self.smoothing[head].to_bits() as i64,
             ]);
         }
         words.extend(class_weights);
@@ -223,7 +242,7 @@ impl Plan {
 }
 
 /// Words per head in [`Plan::table`] (the kernels' MHCE_HEAD_WORDS).
-const TABLE_HEAD_WORDS: usize = 5;
+const TABLE_HEAD_WORDS: usize = 6;
 
 /// The error for a label that is neither a class of its head nor its ignore index.
 fn label_out_of_range(
@@ -578,6 +597,12 @@ fn check_inputs(logits: &Tensor, labels: &Tensor, heads: &[CeHead]) -> Result<()
                 );
             }
         }
+        if !(0.0..=1.0).contains(&head.label_smoothing) {
+            candle_core::bail!(
+                "{OP}: head {h} has label smoothing {}; it must be in [0, 1]",
+                head.label_smoothing
+            );
+        }
     }
     let sum: usize = heads.iter().map(|h| h.classes).sum();
     if sum != width {
@@ -613,7 +638,15 @@ pub fn multi_head_cross_entropy_composed(
         let y = labels_i64.narrow(1, h, 1)?;
         let labelled = y.ne(ignore_of(head, labels.dtype())?)?;
         let safe = labelled.where_cond(&y, &y.zeros_like()?)?;
-        let picked = candle_nn::ops::log_softmax(&z, 1)?.gather(&safe, 1)?;
+        let log_p = candle_nn::ops::log_softmax(&z, 1)?;
+        let picked = log_p.gather(&safe, 1)?;
+        // The smoothed target's log-likelihood: (1 − ε)·log p_y + ε·mean_j log p_j.
+        let eps = head.label_smoothing;
+        let picked = if eps > 0.0 {
+            ((picked * (1.0 - eps))? + (log_p.mean_keepdim(1)? * eps)?)?
+        } else {
+            picked
+        };
         let mut w = labelled.to_dtype(logits.dtype())?;
         if let Some(cw) = &head.class_weights {
             let cw = Tensor::new(cw.as_slice(), logits.device())?.to_dtype(logits.dtype())?;

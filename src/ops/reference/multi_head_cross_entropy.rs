@@ -28,6 +28,11 @@ fn class(
     Some(label as usize)
 }
 
+/// The target distribution of a row labelled `y` under label smoothing `eps`.
+fn target(eps: f64, classes: usize, y: usize, j: usize) -> f64 {
+    eps / classes as f64 + if j == y { 1.0 - eps } else { 0.0 }
+}
+
 fn log_sum_exp(row: &[f64]) -> f64 {
     let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln()
@@ -53,7 +58,7 @@ fn labelled(
 }
 
 /// `(per-head losses, total)`: each head's class-weighted mean of
-/// `logsumexp − z_y` over its labelled rows (0 when their weights sum to 0),
+/// `logsumexp − Σ_j q_j z_j` (`q` the one-hot or smoothed target) over its labelled rows (0 when their weights sum to 0),
 /// and `Σ_h w_h · loss_h`.
 pub fn multi_head_cross_entropy(
     logits: &[f64],
@@ -70,7 +75,12 @@ pub fn multi_head_cross_entropy(
             let (mut sum, mut weight) = (0.0, 0.0);
             for (i, y, cw) in rows {
                 let row = &logits[i * width + column..][..heads[h].classes];
-                sum += cw * (log_sum_exp(row) - row[y]);
+                let lse = log_sum_exp(row);
+                let eps = heads[h].label_smoothing;
+                let row_loss: f64 = (row.iter().enumerate())
+                    .map(|(j, &z)| target(eps, row.len(), y, j) * (lse - z))
+                    .sum();
+                sum += cw * row_loss;
                 weight += cw;
             }
             if weight > 0.0 {
@@ -85,7 +95,7 @@ pub fn multi_head_cross_entropy(
 }
 
 /// The gradient `[n, ΣC]` for an incoming gradient `grad` `[H + 1]` of
-/// `(per-head losses, total)`: `(softmax − onehot)·cw[y]·(g_h + w_h·g_H) / Σcw`
+/// `(per-head losses, total)`: `(softmax − target)·cw[y]·(g_h + w_h·g_H) / Σcw`
 /// for labelled rows, 0 elsewhere.
 pub fn multi_head_cross_entropy_backward(
     logits: &[f64],
@@ -109,7 +119,7 @@ pub fn multi_head_cross_entropy_backward(
             let row = &logits[i * width + column..][..heads[h].classes];
             let lse = log_sum_exp(row);
             for (j, &z) in row.iter().enumerate() {
-                let p = (z - lse).exp() - if j == y { 1.0 } else { 0.0 };
+                let p = (z - lse).exp() - target(heads[h].label_smoothing, row.len(), y, j);
                 out[i * width + column + j] = p * cw * scale;
             }
         }
