@@ -107,6 +107,10 @@ pub struct TrainArgs {
     /// puts 1 − ε + ε/C on the label and ε/C on each other class.
     #[arg(long, value_name = "EPS", default_value_t = 0.0)]
     pub label_smoothing: f64,
+    /// Dropout probability on the pooled vector the classification heads read
+    /// (training only; 0 = none, the recipe's).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub head_dropout: f64,
     /// How token states become the sentence vector the heads read (one mode;
     /// mean is the recipe's).
     #[arg(long, value_enum, default_value_t = Pooling::Mean)]
@@ -194,6 +198,7 @@ impl TrainArgs {
             seed: self.seed,
             class_weighting: self.class_weighting,
             label_smoothing: self.label_smoothing,
+            head_dropout: self.head_dropout,
             pooling: self.pooling,
             emoji: self.text.emoji,
             unescape: self.text.unescape,
@@ -292,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn label_smoothing_flag() {
+    fn label_smoothing_and_head_dropout_flags() {
         let parse = |eps: &str| {
             Cli::parse_from(["train", "--data", "d", "--label-smoothing", eps])
                 .train
@@ -302,6 +307,15 @@ mod tests {
         assert_eq!(parse("0.1").label_smoothing, 0.1);
         let err = parse("1.5").validate().unwrap_err().to_string();
         assert!(err.contains("label_smoothing must be in [0, 1]"), "{err}");
+        let dropout = |p: &str| {
+            Cli::parse_from(["train", "--data", "d", "--head-dropout", p])
+                .train
+                .to_config()
+                .unwrap()
+        };
+        assert_eq!(dropout("0.1").head_dropout, 0.1);
+        let err = dropout("1").validate().unwrap_err().to_string();
+        assert!(err.contains("head_dropout must be in [0, 1)"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::bert::BertEncoder;
+use super::layers::{Dropout, Pass};
 use super::pooling::pool;
 use super::{load_trainable, ModelFiles, Pooling};
 use crate::ops::multi_head_cross_entropy::{multi_head_cross_entropy_deferred, CeHead, LabelCheck};
@@ -403,6 +404,10 @@ pub struct MultiTaskModel {
     tasks: Vec<TaskHead>,
     /// `heads[t]` for task `t`, `None` for a similarity task.
     heads: Vec<Option<LinearHead>>,
+    /// Dropout on the pooled vector the heads read, in training passes only
+    /// (probability 0 by default, the recipe's; similarity tasks read the
+    /// pooled vector without it).
+    head_dropout: Dropout,
     vars: VarMap,
 }
 
@@ -516,6 +521,7 @@ impl MultiTaskModel {
             pooling: Pooling::Mean,
             tasks: tasks.to_vec(),
             heads,
+            head_dropout: Dropout::new(0.0),
             vars,
         })
     }
@@ -530,6 +536,28 @@ impl MultiTaskModel {
     /// How the model pools token states into sentence vectors.
     pub fn pooling(&self) -> Pooling {
         self.pooling
+    }
+
+    /// The model with dropout of probability `p` on the pooled vector its
+    /// classification heads read in training passes (as BERT's sequence
+    /// classifier drops its pooled output).
+    pub fn with_head_dropout(mut self, p: f32) -> Self {
+        self.head_dropout = Dropout::new(p);
+        self
+    }
+
+    /// The probability of the heads' input dropout.
+    pub fn head_dropout(&self) -> f32 {
+        self.head_dropout.p()
+    }
+
+    /// Restarts every dropout stream (the backbone's, then the heads'
+    /// input's, from a seed derived from `seed`), so that a training forward
+    /// pass is a function of its inputs and the seed.
+    pub fn seed_dropout(&self, seed: u64) {
+        self.encoder.seed_dropout(seed);
+        self.head_dropout
+            .reseed(seed.rotate_left(17) ^ 0x9E37_79B9_7F4A_7C15);
     }
 
     /// The shared BERT backbone.
@@ -591,6 +619,10 @@ impl MultiTaskModel {
             frozen_layers,
         )?;
         let pooled = pool(&hidden, attention_mask, &[self.pooling])?;
+        let head_input = match train {
+            true => self.head_dropout.forward(&pooled, Pass::TRAIN)?,
+            false => pooled.clone(),
+        };
         // One product for all heads: their weights stacked, frozen ones detached.
         let (mut weights, mut biases) = (Vec::new(), Vec::new());
         for (t, head) in self.heads.iter().enumerate() {
@@ -606,7 +638,7 @@ impl MultiTaskModel {
         } else {
             let weight = Tensor::cat(&weights, 0)?;
             let bias = Tensor::cat(&biases, 0)?;
-            Some(crate::ops::linear(&pooled, &weight, &bias)?)
+            Some(crate::ops::linear(&head_input, &weight, &bias)?)
         };
         Ok(Outputs { pooled, logits })
     }

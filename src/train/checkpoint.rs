@@ -125,8 +125,9 @@ pub fn load(
         Some(dtype) => dtype,
         None => info.dtype()?,
     };
-    let model =
-        MultiTaskModel::load(&files, &info.tasks, dtype, device)?.with_pooling(info.config.pooling);
+    let model = MultiTaskModel::load(&files, &info.tasks, dtype, device)?
+        .with_pooling(info.config.pooling)
+        .with_head_dropout(info.config.head_dropout as f32);
     let tokenizer = load_tokenizer(&files, info.max_len)?;
     Ok(LoadedCheckpoint {
         dir,

@@ -194,6 +194,11 @@ pub struct TrainConfig {
     /// setting had none).
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Dropout probability on the pooled vector the classification heads
+    /// read, in training, in `[0, 1)` (0: none, the recipe's; runs from before
+    /// this setting had none).
+    #[serde(default)]
+    pub head_dropout: f64,
     /// How the model pools token states into the sentence vector its heads
     /// (and similarity tasks) read; runs from before this setting used mean.
     #[serde(default = "mean_pooling")]
@@ -273,6 +278,7 @@ impl Default for TrainConfig {
             seed: 42,
             class_weighting: ClassWeighting::None,
             label_smoothing: 0.0,
+            head_dropout: 0.0,
             pooling: Pooling::Mean,
             emoji: EmojiMode::Keep,
             unescape: false,
@@ -302,7 +308,7 @@ impl TrainConfig {
     /// Checks that the settings make a run: counts and sizes at least 1 (`max_len`
     /// at least 2, the overfit batch at least 2), learning rates and loss weights
     /// finite and non-negative, `weight_decay` non-negative, `warmup_ratio` and
-    /// `label_smoothing` in [0, 1], a positive `max_grad_norm`, and `output_dir` set when `resume` is;
+    /// `label_smoothing` in [0, 1], `head_dropout` in [0, 1), a positive `max_grad_norm`, and `output_dir` set when `resume` is;
     /// the error names the first setting at fault.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.epochs >= 1, "epochs must be at least 1");
@@ -337,6 +343,11 @@ impl TrainConfig {
             (0.0..=1.0).contains(&self.label_smoothing),
             "label_smoothing must be in [0, 1], got {}",
             self.label_smoothing
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.head_dropout),
+            "head_dropout must be in [0, 1), got {}",
+            self.head_dropout
         );
         if let Some(norm) = self.max_grad_norm {
             anyhow::ensure!(norm > 0.0, "max_grad_norm must be positive");

@@ -224,12 +224,14 @@ impl MultiTaskTrainer {
             );
             let files = checkpoint::model_files(&dir);
             let model = MultiTaskModel::load(&files, &heads, self.dtype, &self.device)?
-                .with_pooling(config.pooling);
+                .with_pooling(config.pooling)
+                .with_head_dropout(config.head_dropout as f32);
             (model, files, Some(dir))
         } else {
             let files = resolve_model(&config.model)?;
             let model = MultiTaskModel::new(&files, &heads, config.seed, self.dtype, &self.device)?
-                .with_pooling(config.pooling);
+                .with_pooling(config.pooling)
+                .with_head_dropout(config.head_dropout as f32);
             (model, files, None)
         };
         let tokenizer = load_tokenizer(&model_files, config.max_len)?;
@@ -949,7 +951,6 @@ fn step_on(
     // Dropout masks are a function of (seed, step), so that a run, and a run
     // resumed from a checkpoint, repeat exactly.
     run.model
-        .encoder()
         .seed_dropout(dropout_seed(config.seed, run.state.global_step));
     let outputs = run.model.forward(
         &batch.inputs.input_ids,

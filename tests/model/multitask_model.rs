@@ -286,3 +286,47 @@ fn half_precision_losses_are_f32() {
         .expect("a gradient for the bf16 weight");
     assert_eq!(g.dtype(), DType::BF16);
 }
+
+/// Head dropout drops the heads' input in training passes only: the pooled
+/// vector (and the backbone's own dropout masks) stay what they were, the
+/// logits change, and evaluation passes are untouched.
+#[test]
+fn head_dropout_drops_only_the_heads_input_in_training() {
+    let (plain, rows, root) = model_and_rows("head-dropout", 0.1);
+    let files = resolve_model(root.join("model").to_str().unwrap()).unwrap();
+    let tasks = plain.tasks().to_vec();
+    let dropped = MultiTaskModel::new(&files, &tasks, 11, DType::F32, &Device::Cpu)
+        .unwrap()
+        .with_head_dropout(0.5);
+    assert_eq!((plain.head_dropout(), dropped.head_dropout()), (0.0, 0.5));
+    let refs: Vec<&Example> = rows[0].iter().chain(&rows[1]).take(8).collect();
+    let batch = collate(&refs, &plain.label_columns(), 0, &Device::Cpu).unwrap();
+    let run = |model: &MultiTaskModel, train: bool| {
+        model.seed_dropout(5);
+        let out = model
+            .forward(
+                &batch.inputs.input_ids,
+                Some(&batch.inputs.token_type_ids),
+                &batch.inputs.attention_mask,
+                train,
+                &Freeze::None,
+            )
+            .unwrap();
+        let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (values(&out.pooled), values(out.logits.as_ref().unwrap()))
+    };
+    let (pooled_plain, logits_plain) = run(&plain, true);
+    let (pooled_dropped, logits_dropped) = run(&dropped, true);
+    assert_eq!(
+        pooled_plain, pooled_dropped,
+        "the backbone's masks are unchanged"
+    );
+    assert_ne!(logits_plain, logits_dropped);
+    assert_eq!(run(&plain, true), (pooled_plain, logits_plain), "seeded");
+    assert_eq!(
+        run(&plain, false),
+        run(&dropped, false),
+        "no dropout in evaluation"
+    );
+    std::fs::remove_dir_all(root).unwrap();
+}

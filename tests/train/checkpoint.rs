@@ -221,35 +221,35 @@ fn a_resumed_run_ends_where_an_uninterrupted_run_ends() {
     std::fs::remove_dir_all(root).unwrap();
 }
 
-/// Label smoothing reaches the trainer's loss (the same seed and batches, other
-/// losses from the first step), and a checkpoint's config from before the
-/// setting reads as no smoothing.
+/// Label smoothing and head dropout reach the trainer's steps (the same seed
+/// and batches, other losses from the first step), and a checkpoint's config
+/// from before these settings reads as neither.
 #[test]
-fn label_smoothing_changes_the_loss_and_defaults_to_none() {
+fn label_smoothing_and_head_dropout_change_the_run_and_default_to_none() {
     let root = fixtures("smoothing");
-    let (_, plain, _) = train(TrainConfig {
-        output_dir: None,
-        epochs: 1,
-        ..config(&root, "plain")
-    });
-    let (_, smoothed, _) = train(TrainConfig {
-        output_dir: None,
-        epochs: 1,
-        label_smoothing: 0.2,
-        ..config(&root, "smoothed")
-    });
-    assert_eq!(plain.steps.len(), smoothed.steps.len());
-    for (a, b) in plain.steps.iter().zip(&smoothed.steps) {
-        assert!(a.total.is_finite() && b.total.is_finite());
-        assert_ne!(a.total, b.total, "step {}", a.step);
+    let run = |label_smoothing, head_dropout| {
+        let (_, state, _) = train(TrainConfig {
+            output_dir: None,
+            epochs: 1,
+            label_smoothing,
+            head_dropout,
+            ..config(&root, "run")
+        });
+        state.steps.iter().map(|r| r.total).collect::<Vec<_>>()
+    };
+    let plain = run(0.0, 0.0);
+    for other in [run(0.2, 0.0), run(0.0, 0.3)] {
+        assert_eq!(plain.len(), other.len());
+        for (step, (a, b)) in plain.iter().zip(&other).enumerate() {
+            assert!(a.is_finite() && b.is_finite());
+            assert_ne!(a, b, "step {step}");
+        }
     }
     let mut saved = serde_json::to_value(config(&root, "old")).unwrap();
-    saved
-        .as_object_mut()
-        .unwrap()
-        .remove("label_smoothing")
-        .unwrap();
+    let fields = saved.as_object_mut().unwrap();
+    fields.remove("label_smoothing").unwrap();
+    fields.remove("head_dropout").unwrap();
     let old: TrainConfig = serde_json::from_value(saved).unwrap();
-    assert_eq!(old.label_smoothing, 0.0);
+    assert_eq!((old.label_smoothing, old.head_dropout), (0.0, 0.0));
     std::fs::remove_dir_all(root).unwrap();
 }
