@@ -111,10 +111,11 @@ __device__ __forceinline__ void mhce_fwd(const T *logits, size_t row_stride, siz
         head.log_sum_exp(i, m, s);
         const A cw = A(spec.class_weight(y));
         // sum_j q_j (max - x_j) first (max - x_y alone, exact, without smoothing).
-        A shifted = A(0);
-        for (size_t j = 0; j < spec.classes; ++j) {
-          const A q = A(smoothed_target(spec.smoothing, spec.classes, y, j));
-          if (q != A(0)) shifted += q * (m - head.at(i, j));
+        A shifted = m - head.at(i, (size_t)y);
+        if (spec.smoothing != 0.0) {
+          shifted = A(0);
+          for (size_t j = 0; j < spec.classes; ++j)
+            shifted += A(smoothed_target(spec.smoothing, spec.classes, y, j)) * (m - head.at(i, j));
         }
         loss += cw * (shifted + log(s));
         weight += cw;

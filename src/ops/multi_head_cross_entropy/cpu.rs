@@ -84,13 +84,13 @@ where
                     let target = SmoothedTarget::new(plan.smoothing[h], classes, y);
                     // Σ q_j (max − z_j) first (max − z_y alone, exact, without
                     // smoothing), then the log of the sum.
-                    let mut shifted = T::Acc::zero();
-                    for j in 0..classes {
-                        let q = target.at::<T::Acc>(j);
-                        if q != T::Acc::zero() {
-                            shifted += q * (max - at(j));
-                        }
-                    }
+                    let shifted = if plan.smoothing[h] == 0.0 {
+                        max - at(y)
+                    } else {
+                        (0..classes).fold(T::Acc::zero(), |acc, j| {
+                            acc + target.at::<T::Acc>(j) * (max - at(j))
+                        })
+                    };
                     sums.loss[h] += cw * (shifted + sum.ln());
                     sums.weight[h] += cw;
                     if let Some(grads) = grads.as_deref_mut() {
