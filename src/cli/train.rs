@@ -298,24 +298,25 @@ mod tests {
 
     #[test]
     fn label_smoothing_and_head_dropout_flags() {
-        let parse = |eps: &str| {
-            Cli::parse_from(["train", "--data", "d", "--label-smoothing", eps])
+        let parse = |flag: &str, value: &str| {
+            Cli::parse_from(["train", "--data", "d", flag, value])
                 .train
                 .to_config()
                 .unwrap()
         };
-        assert_eq!(parse("0.1").label_smoothing, 0.1);
-        let err = parse("1.5").validate().unwrap_err().to_string();
-        assert!(err.contains("label_smoothing must be in [0, 1]"), "{err}");
-        let dropout = |p: &str| {
-            Cli::parse_from(["train", "--data", "d", "--head-dropout", p])
-                .train
-                .to_config()
-                .unwrap()
-        };
-        assert_eq!(dropout("0.1").head_dropout, 0.1);
-        let err = dropout("1").validate().unwrap_err().to_string();
-        assert!(err.contains("head_dropout must be in [0, 1)"), "{err}");
+        assert_eq!(parse("--label-smoothing", "0.1").label_smoothing, 0.1);
+        assert_eq!(parse("--head-dropout", "0.1").head_dropout, 0.1);
+        for (flag, bad, message) in [
+            (
+                "--label-smoothing",
+                "1.5",
+                "label_smoothing must be in [0, 1]",
+            ),
+            ("--head-dropout", "1", "head_dropout must be in [0, 1)"),
+        ] {
+            let err = parse(flag, bad).validate().unwrap_err().to_string();
+            assert!(err.contains(message), "{err}");
+        }
     }
 
     #[test]

@@ -540,10 +540,14 @@ impl MultiTaskModel {
 
     /// The model with dropout of probability `p` on the pooled vector its
     /// classification heads read in training passes (as BERT's sequence
-    /// classifier drops its pooled output).
-    pub fn with_head_dropout(mut self, p: f32) -> Self {
+    /// classifier drops its pooled output). `p` must be in `[0, 1)`.
+    pub fn with_head_dropout(mut self, p: f32) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            (0.0..1.0).contains(&p),
+            "head dropout must be in [0, 1), got {p}"
+        );
         self.head_dropout = Dropout::new(p);
-        self
+        Ok(self)
     }
 
     /// The probability of the heads' input dropout.
@@ -619,10 +623,8 @@ impl MultiTaskModel {
             frozen_layers,
         )?;
         let pooled = pool(&hidden, attention_mask, &[self.pooling])?;
-        let head_input = match train {
-            true => self.head_dropout.forward(&pooled, Pass::TRAIN)?,
-            false => pooled.clone(),
-        };
+        let pass = if train { Pass::TRAIN } else { Pass::EVAL };
+        let head_input = self.head_dropout.forward(&pooled, pass)?;
         // One product for all heads: their weights stacked, frozen ones detached.
         let (mut weights, mut biases) = (Vec::new(), Vec::new());
         for (t, head) in self.heads.iter().enumerate() {

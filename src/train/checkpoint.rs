@@ -127,7 +127,7 @@ pub fn load(
     };
     let model = MultiTaskModel::load(&files, &info.tasks, dtype, device)?
         .with_pooling(info.config.pooling)
-        .with_head_dropout(info.config.head_dropout as f32);
+        .with_head_dropout(info.config.head_dropout as f32)?;
     let tokenizer = load_tokenizer(&files, info.max_len)?;
     Ok(LoadedCheckpoint {
         dir,

@@ -225,13 +225,13 @@ impl MultiTaskTrainer {
             let files = checkpoint::model_files(&dir);
             let model = MultiTaskModel::load(&files, &heads, self.dtype, &self.device)?
                 .with_pooling(config.pooling)
-                .with_head_dropout(config.head_dropout as f32);
+                .with_head_dropout(config.head_dropout as f32)?;
             (model, files, Some(dir))
         } else {
             let files = resolve_model(&config.model)?;
             let model = MultiTaskModel::new(&files, &heads, config.seed, self.dtype, &self.device)?
                 .with_pooling(config.pooling)
-                .with_head_dropout(config.head_dropout as f32);
+                .with_head_dropout(config.head_dropout as f32)?;
             (model, files, None)
         };
         let tokenizer = load_tokenizer(&model_files, config.max_len)?;

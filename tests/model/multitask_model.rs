@@ -297,7 +297,8 @@ fn head_dropout_drops_only_the_heads_input_in_training() {
     let tasks = plain.tasks().to_vec();
     let dropped = MultiTaskModel::new(&files, &tasks, 11, DType::F32, &Device::Cpu)
         .unwrap()
-        .with_head_dropout(0.5);
+        .with_head_dropout(0.5)
+        .unwrap();
     assert_eq!((plain.head_dropout(), dropped.head_dropout()), (0.0, 0.5));
     let refs: Vec<&Example> = rows[0].iter().chain(&rows[1]).take(8).collect();
     let batch = collate(&refs, &plain.label_columns(), 0, &Device::Cpu).unwrap();
@@ -328,5 +329,10 @@ fn head_dropout_drops_only_the_heads_input_in_training() {
         run(&dropped, false),
         "no dropout in evaluation"
     );
+    for bad in [-0.1, 1.0, f32::NAN] {
+        let model = MultiTaskModel::new(&files, &tasks, 11, DType::F32, &Device::Cpu).unwrap();
+        let err = model.with_head_dropout(bad).unwrap_err().to_string();
+        assert!(err.contains("head dropout must be in [0, 1)"), "{err}");
+    }
     std::fs::remove_dir_all(root).unwrap();
 }
