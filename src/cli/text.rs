@@ -1,4 +1,5 @@
-//! The text-preparation flags (`--emoji`, `--unescape`, `--split-hashtags`),
+//! The text-preparation flags (`--emoji`, `--unescape`, `--split-hashtags`,
+//! `--emoticons`, `--shorten-elongations`),
 //! shared by `train` and the commands that run the encoder.
 
 use crate::model::text::{EmojiMode, TextPrep};
@@ -18,6 +19,13 @@ pub struct TextPrepArgs {
     /// `#Face Your Fears`) before tokenisation.
     #[arg(long)]
     pub split_hashtags: bool,
+    /// Write ASCII emoticons as the names of the emoji they stand for
+    /// (`:)` → "slightly smiling face", `<3` → "red heart").
+    #[arg(long)]
+    pub emoticons: bool,
+    /// Write a letter repeated three or more times twice (`soooo` → `soo`).
+    #[arg(long)]
+    pub shorten_elongations: bool,
 }
 
 impl TextPrepArgs {
@@ -27,6 +35,8 @@ impl TextPrepArgs {
             emoji: self.emoji,
             unescape: self.unescape,
             split_hashtags: self.split_hashtags,
+            emoticons: self.emoticons,
+            shorten_elongations: self.shorten_elongations,
         }
     }
 }

@@ -203,6 +203,8 @@ impl TrainArgs {
             emoji: self.text.emoji,
             unescape: self.text.unescape,
             split_hashtags: self.text.split_hashtags,
+            emoticons: self.text.emoticons,
+            shorten_elongations: self.text.shorten_elongations,
             max_steps: self.max_steps,
             checkpoint_every: self.checkpoint_every,
             overfit: self.overfit_batch.map(|batch_size| OverfitConfig {
@@ -353,6 +355,8 @@ mod tests {
             "text",
             "--unescape",
             "--split-hashtags",
+            "--emoticons",
+            "--shorten-elongations",
         ])
         .train;
         assert_eq!(
@@ -361,6 +365,8 @@ mod tests {
                 emoji: EmojiMode::Text,
                 unescape: true,
                 split_hashtags: true,
+                emoticons: true,
+                shorten_elongations: true,
             }
         );
         assert!(Cli::try_parse_from(["train", "--data", "d", "--emoji", "names"]).is_err());

@@ -19,6 +19,14 @@
 //!   fit (`#FaceYourFears` is `#`, `face`, `##you`, `##rf`, `##ears`); split
 //!   at its capitals it reads as the words it is (`#`, `face`, `your`,
 //!   `fears`). One emotion test tweet in ten has such a hashtag.
+//! - `emoticons` ([`emoticons_to_text`]): `:)`, `:(` and `<3` are
+//!   punctuation to the tokenizer, and `:D` a colon and a letter; each is
+//!   written as the name of the emoji it stands for ("slightly smiling
+//!   face"), the words `--emoji text` writes for 🙂.
+//! - `shorten_elongations` ([`shorten_elongations`]): `soooo` and `Noooooo`
+//!   are cut into pieces no word shares (`soo`, `##oo`, `##o`); a letter
+//!   repeated three or more times is written twice, as tweet normalisers
+//!   (ekphrasis) do: no English word has a letter three times in a row.
 
 use std::borrow::Cow;
 
@@ -34,11 +42,18 @@ pub struct TextPrep {
     /// Split camel-cased hashtags into their words.
     #[serde(default)]
     pub split_hashtags: bool,
+    /// Write ASCII emoticons (`:)`, `:'(`, `<3`) as their emoji's names.
+    #[serde(default)]
+    pub emoticons: bool,
+    /// Write a letter repeated three or more times twice (`soooo` → `soo`).
+    #[serde(default)]
+    pub shorten_elongations: bool,
 }
 
 impl TextPrep {
     /// `text` as the tokenizer should see it: unescaped first (an escaped
-    /// emoji or `#` then counts too), then hashtags split, then emoji.
+    /// emoji, `#` or `<3` then counts too), then hashtags split, emoticons
+    /// and emoji named, and elongations shortened last (a name has none).
     pub fn apply(self, text: &str) -> Cow<'_, str> {
         let mut text = Cow::Borrowed(text);
         if self.unescape {
@@ -47,8 +62,14 @@ impl TextPrep {
         if self.split_hashtags {
             text = and_then(text, split_hashtags);
         }
+        if self.emoticons {
+            text = and_then(text, emoticons_to_text);
+        }
         if self.emoji == EmojiMode::Text {
             text = and_then(text, emoji_to_text);
+        }
+        if self.shorten_elongations {
+            text = and_then(text, shorten_elongations);
         }
         text
     }
@@ -285,6 +306,103 @@ fn push_hashtag_words(body: &str, out: &mut String) {
     }
 }
 
+/// `text` with each emoticon written as `" name "`, the name of the emoji
+/// it stands for. An emoticon is a whole word (text between spaces), so
+/// `http://` and `10:30` are left alone: eyes (`:`, `=`, `;` for a wink,
+/// `x` before `D`), a nose (`-`, `^`) or a tear (`'`) if any, and a mouth,
+/// repeated at will (`:)))`); a heart (`<3`, `</3`); `-_-`, `^_^`, `T_T`.
+pub fn emoticons_to_text(text: &str) -> Cow<'_, str> {
+    let mut out = String::new();
+    let mut copied = 0;
+    let words = text.split_whitespace().map(|word| {
+        // `split_whitespace` yields subslices of `text`: their offsets.
+        (word.as_ptr() as usize - text.as_ptr() as usize, word)
+    });
+    for (at, word) in words {
+        if let Some(name) = emoticon_emoji(word).and_then(emojis::get).map(|e| e.name()) {
+            out.push_str(&text[copied..at]);
+            out.push(' ');
+            out.push_str(name);
+            out.push(' ');
+            copied = at + word.len();
+        }
+    }
+    if copied == 0 {
+        return Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    Cow::Owned(out)
+}
+
+/// The emoji `word` stands for when all of it is an emoticon (the forms
+/// [`emoticons_to_text`] lists, and `^^`, `T.T`).
+fn emoticon_emoji(word: &str) -> Option<&'static str> {
+    match word {
+        "-_-" => return Some("😑"),
+        "^_^" | "^^" => return Some("😊"),
+        "T_T" | "T.T" => return Some("😭"),
+        _ => {}
+    }
+    if let Some(heart) = word.strip_prefix('<') {
+        let (emoji, threes) = match heart.strip_prefix('/') {
+            Some(threes) => ("💔", threes),
+            None => ("❤\u{FE0F}", heart),
+        };
+        let is_heart = !threes.is_empty() && threes.bytes().all(|b| b == b'3');
+        return is_heart.then_some(emoji);
+    }
+    let mut chars = word.chars();
+    let eyes = chars.next()?;
+    let rest = chars.as_str();
+    let (tear, rest) = match rest.strip_prefix('\'') {
+        Some(rest) => (true, rest),
+        None => (false, rest.strip_prefix(['-', '^']).unwrap_or(rest)),
+    };
+    let mouth = rest.chars().next()?;
+    if !rest.chars().all(|c| c == mouth) {
+        return None;
+    }
+    let plain = matches!(eyes, ':' | '=');
+    Some(match (eyes, mouth) {
+        _ if tear && plain && matches!(mouth, ')' | ']') => "😂",
+        _ if tear && plain && matches!(mouth, '(' | '[') => "😢",
+        _ if tear => return None,
+        (':' | '=', ')' | ']') => "🙂",
+        (':' | '=', '(' | '[') => "🙁",
+        (':' | '=', 'D') => "😀",
+        ('x' | 'X', 'D') => "😆",
+        (';', ')' | ']' | 'D') => "😉",
+        (':' | '=', 'P' | 'p') => "😛",
+        (';', 'P' | 'p') => "😜",
+        (':' | '=', 'O' | 'o') => "😮",
+        (':' | '=', '/' | '\\') => "😕",
+        (':' | '=', '|') => "😐",
+        (':' | '=' | ';', '*') => "😘",
+        _ => return None,
+    })
+}
+
+/// `text` with every run of three or more of one cased letter cut to two
+/// (`soooo` → `soo`, `NOOOO` → `NOO`); digits, punctuation (`!!!`, `1000`)
+/// and uncased scripts (`哈哈哈`, a laugh) are left as they are.
+pub fn shorten_elongations(text: &str) -> Cow<'_, str> {
+    let mut out = String::with_capacity(text.len());
+    let mut previous = None;
+    let mut run = 0;
+    for c in text.chars() {
+        run = if previous == Some(c) { run + 1 } else { 1 };
+        previous = Some(c);
+        if run <= 2 || !(c.is_lowercase() || c.is_uppercase()) {
+            out.push(c);
+        }
+    }
+    if out.len() == text.len() {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,13 +474,67 @@ mod tests {
     }
 
     #[test]
+    fn emoticons_become_emoji_names() {
+        assert_eq!(
+            emoticons_to_text("sad :( but :-))) ok\t:D"),
+            "sad  slightly frowning face  but  slightly smiling face  ok\t grinning face "
+        );
+        let names = [
+            (";)", "winking face"),
+            (":P", "face with tongue"),
+            (";p", "winking face with tongue"),
+            ("xDDD", "grinning squinting face"),
+            (":'(", "crying face"),
+            (":')", "face with tears of joy"),
+            (":/", "confused face"),
+            ("=O", "face with open mouth"),
+            (":|", "neutral face"),
+            (":*", "face blowing a kiss"),
+            ("<3", "red heart"),
+            ("<333", "red heart"),
+            ("</3", "broken heart"),
+            ("-_-", "expressionless face"),
+            ("^_^", "smiling face with smiling eyes"),
+            ("T_T", "loudly crying face"),
+        ];
+        for (emoticon, name) in names {
+            assert_eq!(
+                emoticons_to_text(emoticon),
+                format!(" {name} "),
+                "{emoticon}"
+            );
+        }
+        // Not whole words, or not emoticons: left as they are.
+        for text in [
+            "http://t.co 10:30 a:b",
+            "sad:( (: :-)x :)( x) XP :'D <3a <",
+            "",
+        ] {
+            assert_eq!(emoticons_to_text(text), text);
+            assert!(matches!(emoticons_to_text(text), Cow::Borrowed(_)));
+        }
+    }
+
+    #[test]
+    fn elongations_shorten_to_two_letters() {
+        assert_eq!(
+            shorten_elongations("Noooooo soooo gooood, NOOO!!! 1000 footballler"),
+            "Noo soo good, NOO!!! 1000 footballer"
+        );
+        assert_eq!(shorten_elongations("ééé 哈哈哈"), "éé 哈哈哈");
+        for text in ["cool  too", "aa bb", ""] {
+            assert!(matches!(shorten_elongations(text), Cow::Borrowed(_)));
+        }
+    }
+
+    #[test]
     fn prep_unescapes_then_writes_emoji() {
         let text = r"lol\n\ud83d\ude02 &amp; \u2764";
         assert_eq!(TextPrep::default().apply(text), text);
         let both = TextPrep {
             emoji: EmojiMode::Text,
             unescape: true,
-            split_hashtags: false,
+            ..TextPrep::default()
         };
         assert_eq!(
             both.apply(r"lol\n😂 &amp; \u2764"),
@@ -370,8 +542,7 @@ mod tests {
         );
         let emoji_only = TextPrep {
             emoji: EmojiMode::Text,
-            unescape: false,
-            split_hashtags: false,
+            ..TextPrep::default()
         };
         assert_eq!(
             emoji_only.apply_all(&["😂", r"\n"]),
@@ -387,5 +558,16 @@ mod tests {
             "#Be Happy face with tears of joy  #Be Happy"
         );
         assert_eq!(both.apply("#BeHappy"), "#BeHappy");
+        let every = TextPrep {
+            emoticons: true,
+            shorten_elongations: true,
+            ..all
+        };
+        // Escaped emoticons count; a laugh's repeated `D` is the emoticon's.
+        assert_eq!(
+            every.apply("&lt;3 sooo happy :&#39;( xDDD"),
+            " red heart  soo happy  crying face   grinning squinting face "
+        );
+        assert_eq!(all.apply("sooo :("), "sooo :(");
     }
 }

@@ -213,6 +213,12 @@ pub struct TrainConfig {
     /// Split camel-cased hashtags into words before tokenisation.
     #[serde(default)]
     pub split_hashtags: bool,
+    /// Write ASCII emoticons as their emoji's names before tokenisation.
+    #[serde(default)]
+    pub emoticons: bool,
+    /// Write a letter repeated three or more times twice before tokenisation.
+    #[serde(default)]
+    pub shorten_elongations: bool,
     /// Stop after this many optimiser steps in all (a checkpoint is written at
     /// the stop); the schedule is still that of the full run, so `--resume`
     /// carries on as if it had not stopped.
@@ -283,6 +289,8 @@ impl Default for TrainConfig {
             emoji: EmojiMode::Keep,
             unescape: false,
             split_hashtags: false,
+            emoticons: false,
+            shorten_elongations: false,
             max_steps: None,
             checkpoint_every: None,
             overfit: None,
@@ -402,6 +410,8 @@ impl TrainConfig {
             emoji: self.emoji,
             unescape: self.unescape,
             split_hashtags: self.split_hashtags,
+            emoticons: self.emoticons,
+            shorten_elongations: self.shorten_elongations,
         }
     }
 

@@ -389,10 +389,18 @@ fn a_prompt_changes_the_embedding_as_the_text_written_before_it_would() {
 
 #[test]
 fn embed_text_flags_embed_the_prepared_text() {
-    let raw = "so funny😂 &amp; #FaceYourFears";
-    let flags = ["--emoji", "text", "--unescape", "--split-hashtags"];
+    let raw = "sooo funny😂 &amp; #FaceYourFears :)";
+    let flags = [
+        "--emoji",
+        "text",
+        "--unescape",
+        "--split-hashtags",
+        "--emoticons",
+        "--shorten-elongations",
+    ];
     let prepared = embed_cpu(&[&flags[..], &[raw]].concat());
-    let written = embed_cpu(&["so funny face with tears of joy  & #Face Your Fears"]);
+    let written =
+        embed_cpu(&["soo funny face with tears of joy  & #Face Your Fears slightly smiling face"]);
     let plain = embed_cpu(&[raw]);
     assert_written_not_plain(&prepared[0], &written[0], &plain[0]);
 }

@@ -104,8 +104,10 @@ fn text_prep_embeds_the_prepared_text() {
         emoji: EmojiMode::Text,
         unescape: true,
         split_hashtags: true,
+        emoticons: true,
+        shorten_elongations: true,
     };
-    let raw = ["so funny😂 &amp; #FaceYourFears", r"line\nbreak 😡"];
+    let raw = ["so funny😂 &amp; #FaceYourFears :)", r"line\nbreak 😡 sooo"];
     let written: Vec<String> = prep.apply_all(&raw);
     let written: Vec<&str> = written.iter().map(String::as_str).collect();
     assert_ne!(raw[..], written[..]);

@@ -1,4 +1,5 @@
-//! `emoji: Text`, `unescape` and `split_hashtags` prepare the text wherever it meets the
+//! `emoji: Text`, `unescape`, `split_hashtags`, `emoticons` and
+//! `shorten_elongations` prepare the text wherever it meets the
 //! tokenizer: a run on tweets with emoji and escapes is, to the bit, a run
 //! without them on the same tweets already prepared by `TextPrep::apply`
 //! (training, validation and test), and a checkpoint's `eval` and `predict`
@@ -17,19 +18,23 @@ use sentence_mtl::train::{checkpoint, MultiTaskTrainer, TrainConfig, TrainReport
 use train_support::{snapshot, temp_dir, tiny_config, tiny_data, tiny_model};
 
 /// Emoji alone, with a skin tone, as a flag, with a variation selector; an
-/// escaped line break, quote and ampersand; camel-cased hashtags.
+/// escaped line break, quote and ampersand; camel-cased hashtags;
+/// emoticons (one escaped) and elongated words (`reallly` shortens to a
+/// word of the tiny vocabulary).
 const EXTRAS: [&str; 5] = [
-    "😂 #FaceYourFears",
-    r"\nso 😡",
-    "👍🏽 &amp; #NoWay",
-    r"🇺🇸 Don\u2019t",
-    "❤️#SoHappy",
+    "😂 #FaceYourFears :)",
+    r"\nso 😡 reallly",
+    "👍🏽 &amp; #NoWay &lt;3",
+    r"🇺🇸 Don\u2019t :'(",
+    "❤️#SoHappy Noooo",
 ];
 
 const ALL: TextPrep = TextPrep {
     emoji: EmojiMode::Text,
     unescape: true,
     split_hashtags: true,
+    emoticons: true,
+    shorten_elongations: true,
 };
 
 /// Copies the tiny TweetEval folder `src` to `dst`, one of [`EXTRAS`]
@@ -75,6 +80,8 @@ fn run(
         emoji: prep.emoji,
         unescape: prep.unescape,
         split_hashtags: prep.split_hashtags,
+        emoticons: prep.emoticons,
+        shorten_elongations: prep.shorten_elongations,
         ..tiny_config(&root.join("model"), data)
     };
     let mut trainer = MultiTaskTrainer::new(config, Device::Cpu, DType::F32).unwrap();
@@ -135,18 +142,29 @@ fn prepared_text_is_the_run_on_prepared_tweets() {
     let written: Vec<String> = ALL.apply_all(&sentences);
     let from_raw = probabilities(&loaded_text, &sentences);
     assert_eq!(from_raw, probabilities(&loaded_named, &written));
-    // Each setting on its own is followed: with only the hashtags left
-    // unsplit, predictions on a hashtag-only sentence change.
-    let mut unsplit = checkpoint::load(&root.join("text"), &Device::Cpu, None).unwrap();
-    unsplit.info.config.split_hashtags = false;
-    let hashtag = ["so #FaceYourFears".to_string()];
-    assert_ne!(
-        probabilities(&loaded_text, &hashtag),
-        probabilities(&unsplit, &hashtag)
-    );
+    // Each setting on its own is followed: with it alone off, predictions
+    // on a sentence that only it changes differ.
+    type TurnOff = fn(&mut TrainConfig);
+    let settings: [(&str, TurnOff); 3] = [
+        ("so #FaceYourFears", |c| c.split_hashtags = false),
+        ("so happy :)", |c| c.emoticons = false),
+        ("so reallly happy", |c| c.shorten_elongations = false),
+    ];
+    for (sentence, turn_off) in settings {
+        let mut without = checkpoint::load(&root.join("text"), &Device::Cpu, None).unwrap();
+        turn_off(&mut without.info.config);
+        let sentence = [sentence.to_string()];
+        assert_ne!(
+            probabilities(&loaded_text, &sentence),
+            probabilities(&without, &sentence),
+            "{sentence:?}"
+        );
+    }
     let mut kept = loaded_text;
     kept.info.config.emoji = EmojiMode::Keep;
     kept.info.config.unescape = false;
     kept.info.config.split_hashtags = false;
+    kept.info.config.emoticons = false;
+    kept.info.config.shorten_elongations = false;
     assert_ne!(from_raw, probabilities(&kept, &sentences));
 }
