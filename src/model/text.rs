@@ -312,26 +312,27 @@ fn push_hashtag_words(body: &str, out: &mut String) {
 /// `x` before `D`), a nose (`-`, `^`) or a tear (`'`) if any, and a mouth,
 /// repeated at will (`:)))`); a heart (`<3`, `</3`); `-_-`, `^_^`, `T_T`.
 pub fn emoticons_to_text(text: &str) -> Cow<'_, str> {
-    let mut out = String::new();
-    let mut copied = 0;
-    let words = text.split_whitespace().map(|word| {
-        // `split_whitespace` yields subslices of `text`: their offsets.
-        (word.as_ptr() as usize - text.as_ptr() as usize, word)
-    });
-    for (at, word) in words {
-        if let Some(name) = emoticon_emoji(word).and_then(emojis::get).map(|e| e.name()) {
-            out.push_str(&text[copied..at]);
-            out.push(' ');
-            out.push_str(name);
-            out.push(' ');
-            copied = at + word.len();
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut changed = false;
+    // Each piece is a word and the one whitespace character after it.
+    for piece in text.split_inclusive(char::is_whitespace) {
+        let word = piece.trim_end_matches(char::is_whitespace);
+        match emoticon_emoji(word).and_then(emojis::get) {
+            Some(emoji) => {
+                out.push(' ');
+                out.push_str(emoji.name());
+                out.push(' ');
+                out.push_str(&piece[word.len()..]);
+                changed = true;
+            }
+            None => out.push_str(piece),
         }
     }
-    if copied == 0 {
-        return Cow::Borrowed(text);
+    if changed {
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(text)
     }
-    out.push_str(&text[copied..]);
-    Cow::Owned(out)
 }
 
 /// The emoji `word` stands for when all of it is an emoticon (the forms
