@@ -1,4 +1,4 @@
-//! `sentence-mtl predict`: both heads' labels and class probabilities for
+//! `sentence-mtl predict`: every classification head's label and class probabilities for
 //! sentences given as arguments, or one per line on stdin. One JSON object per
 //! sentence, one per line, in input order.
 

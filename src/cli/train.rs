@@ -1,5 +1,6 @@
 //! `sentence-mtl train`: fine-tunes the multi-task model: by default the two
-//! TweetEval heads (emotion, sentiment), or any tasks given with `--task`.
+//! TweetEval heads (emotion, sentiment), or any tasks given with `--task` or
+//! in a settings file (`--config`).
 //!
 //! The defaults are the reference recipe (`TrainConfig::default()`, the recipe
 //! of `benchmarks/train_torch.py`). Progress and per-epoch metrics go to stderr;
@@ -13,7 +14,9 @@ use super::text::TextPrepArgs;
 use crate::data::SamplerKind;
 use crate::model::multitask::Freeze;
 use crate::model::Pooling;
-use crate::train::{ClassWeighting, MultiTaskTrainer, OverfitConfig, TaskSpec, TrainConfig};
+use crate::train::{
+    ClassWeighting, MultiTaskTrainer, OverfitConfig, Settings, TaskSpec, TrainConfig,
+};
 
 /// The options of `sentence-mtl train`.
 #[derive(Debug, Clone, clap::Args)]
@@ -21,7 +24,7 @@ pub struct TrainArgs {
     /// The TweetEval folder, with one folder per task (`emotion/`, `sentiment/`),
     /// as in the `datasets/` folder of the benchmark's repository
     /// (cardiffnlp/tweeteval on GitHub): the two-task command's data.
-    #[arg(long, value_name = "DIR", required_unless_present = "task")]
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["task", "config"])]
     pub data: Option<PathBuf>,
     /// A task, `NAME=DIR[:KIND]` (or `DIR[:KIND]`, named after the folder),
     /// KIND `classification` (TweetEval layout, the default) or `sts` (STS-B
@@ -36,6 +39,17 @@ pub struct TrainArgs {
     /// (default 1): K above 1 oversamples a small task; repeatable.
     #[arg(long, value_name = "NAME=K", value_parser = parse_task_passes)]
     pub task_passes: Vec<(String, usize)>,
+    /// Settings from a file: a TOML or JSON table of the run's settings
+    /// (`TrainConfig`'s fields: `epochs = 4`, `freeze = "lower:1"`, `[[tasks]]`),
+    /// or a checkpoint (its folder or `multitask.json`) to rerun its settings.
+    /// Options given on the command line override the file; the file
+    /// overrides the defaults.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The options given on the command line, as clap names them; set by
+    /// [`Cli::parse_args`](super::Cli::parse_args), needed with `--config`.
+    #[arg(skip)]
+    pub given: Option<Vec<String>>,
     /// A local model folder or a Hugging Face repo id.
     #[arg(long, default_value = crate::model::DEFAULT_MODEL)]
     pub model: String,
@@ -148,6 +162,10 @@ pub struct TrainArgs {
     /// No progress bar or log lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Print the run's settings (every field, after `--config` and the options)
+    /// as TOML that `--config` reads back, and exit without training.
+    #[arg(long)]
+    pub print_config: bool,
     /// Where training runs and in which dtype.
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -156,29 +174,88 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The tasks these options name, with their weights.
     pub fn tasks(&self) -> anyhow::Result<Vec<TaskSpec>> {
+        let mut tasks = self.listed_tasks();
+        self.set_task_options(&mut tasks, |_| true)?;
+        Ok(tasks)
+    }
+
+    /// `--data`'s two tasks, then the `--task`s.
+    fn listed_tasks(&self) -> Vec<TaskSpec> {
         let mut tasks = match &self.data {
             Some(data) => TrainConfig::tweeteval_tasks(data, &self.task_a, &self.task_b),
             None => Vec::new(),
         };
         tasks.extend(self.task.iter().cloned());
-        for (t, w) in [self.weight_a, self.weight_b].into_iter().enumerate() {
-            if let Some(task) = tasks.get_mut(t) {
+        tasks
+    }
+
+    /// Writes the per-task options over `tasks`: `--weight-a` and `--weight-b`
+    /// where `given` says they were given, every `--task-weight` and
+    /// `--task-passes`.
+    fn set_task_options(
+        &self,
+        tasks: &mut [TaskSpec],
+        given: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        for (t, (option, w)) in [("weight_a", self.weight_a), ("weight_b", self.weight_b)]
+            .into_iter()
+            .enumerate()
+        {
+            if let (true, Some(task)) = (given(option), tasks.get_mut(t)) {
                 task.weight = w;
             }
         }
         for (name, weight) in &self.task_weight {
-            named_task(&mut tasks, "--task-weight", name)?.weight = *weight;
+            named_task(tasks, "--task-weight", name)?.weight = *weight;
         }
         for (name, passes) in &self.task_passes {
-            named_task(&mut tasks, "--task-passes", name)?.passes = *passes;
+            named_task(tasks, "--task-passes", name)?.passes = *passes;
         }
-        Ok(tasks)
+        Ok(())
     }
 
-    /// The trainer configuration these options describe.
+    /// The trainer configuration these options describe: with `--config`, the
+    /// file's settings over the defaults and the options given over both.
     pub fn to_config(&self) -> anyhow::Result<TrainConfig> {
-        Ok(TrainConfig {
-            tasks: self.tasks()?,
+        let Some(path) = &self.config else {
+            return Ok(self.options_config(self.tasks()?));
+        };
+        let given = self.given.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("--config needs the options given: parse with Cli::parse_args")
+        })?;
+        let is_given = |option: &str| given.iter().any(|g| g == option);
+        let mut settings = Settings::read(path)?;
+        for option in given {
+            settings.remove(config_field(option));
+        }
+        // The tasks come from the options if any names them, else from the file.
+        let tasks_given = ["data", "task", "task_a", "task_b"]
+            .iter()
+            .any(|o| is_given(o));
+        let tasks = if tasks_given {
+            self.tasks()?
+        } else {
+            Vec::new()
+        };
+        let mut config = settings.apply(&self.options_config(tasks))?;
+        if !tasks_given {
+            self.set_task_options(&mut config.tasks, is_given)?;
+        }
+        if let (true, Some(overfit)) = (is_given("overfit_steps"), config.overfit.as_mut()) {
+            overfit.max_steps = self.overfit_steps;
+        }
+        anyhow::ensure!(
+            !config.tasks.is_empty(),
+            "no tasks: give --data or --task, or list [[tasks]] in {}",
+            path.display()
+        );
+        Ok(config)
+    }
+
+    /// The configuration of the options alone (defaults where not given).
+    fn options_config(&self, tasks: Vec<TaskSpec>) -> TrainConfig {
+        TrainConfig {
+            tasks,
             model: self.model.clone(),
             output_dir: Some(self.output.clone()),
             freeze: self.freeze.clone(),
@@ -216,7 +293,21 @@ impl TrainArgs {
             ema_decay: self.ema_decay,
             verbose: !self.quiet,
             resume: self.resume,
-        })
+        }
+    }
+}
+
+/// The configuration field an option of `train` sets (the same name for most;
+/// the tasks' options and the device's set none a file can).
+fn config_field(option: &str) -> &str {
+    match option {
+        "output" => "output_dir",
+        "no_decay_bias_norm" => "decay_bias_and_norm",
+        "no_test" => "test_at_end",
+        "quiet" => "verbose",
+        "overfit_batch" => "overfit",
+        "data" | "task" | "task_a" | "task_b" => "tasks",
+        same => same,
     }
 }
 
@@ -259,11 +350,13 @@ fn parse_task_passes(s: &str) -> Result<(String, usize), String> {
 
 /// Runs `sentence-mtl train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let mut trainer = MultiTaskTrainer::new(
-        args.to_config()?,
-        args.device.device()?,
-        args.device.dtype(),
-    )?;
+    let config = args.to_config()?;
+    if args.print_config {
+        config.validate()?;
+        print!("{}", toml::to_string(&config)?);
+        return Ok(());
+    }
+    let mut trainer = MultiTaskTrainer::new(config, args.device.device()?, args.device.dtype())?;
     trainer.prepare_data()?;
     trainer.setup()?;
     let report = trainer.train()?;
@@ -438,6 +531,166 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no task named x"));
+    }
+
+    /// A settings file for one test, under the temp folder.
+    fn settings_file(name: &str, text: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sentence-mtl-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// `train` parsed as the binary parses it (noting the options given).
+    fn train_args(args: &[&str]) -> TrainArgs {
+        let argv = ["sentence-mtl", "train"].iter().chain(args);
+        match crate::cli::Cli::try_parse_args_from(argv).unwrap().command {
+            crate::cli::Command::Train(args) => *args,
+            _ => unreachable!(),
+        }
+    }
+
+    const TWO_TASKS: &str = "[[tasks]]\nname = \"emo\"\ndir = \"f/emotion\"\n\
+        kind = \"classification\"\nweight = 3\n[[tasks]]\nname = \"sts\"\n\
+        dir = \"f/stsb\"\nkind = \"sts\"\nweight = 0.3\n";
+
+    /// Defaults < the file < the options given: an option given at its
+    /// default value still overrides the file.
+    #[test]
+    fn a_settings_file_sits_between_the_defaults_and_the_options_given() {
+        let file = settings_file(
+            "between.toml",
+            &format!(
+                "epochs = 4\nseed = 7\nlabel_smoothing = 0.3\nverbose = false\n\
+                 head_lr = 0.002\n{TWO_TASKS}"
+            ),
+        );
+        let path = file.to_str().unwrap();
+        let config = train_args(&["--config", path, "--epochs", "3", "--seed", "9"])
+            .to_config()
+            .unwrap();
+        assert_eq!((config.epochs, config.seed), (3, 9), "given options win");
+        assert_eq!((config.label_smoothing, config.head_lr), (0.3, 0.002));
+        assert!(!config.verbose);
+        assert_eq!(
+            config.output_dir,
+            Some("runs/mtl".into()),
+            "a default stays"
+        );
+        let tasks: Vec<(&str, f64)> = config
+            .tasks
+            .iter()
+            .map(|t| (t.name.as_str(), t.weight))
+            .collect();
+        assert_eq!(
+            tasks,
+            [("emo", 3.0), ("sts", 0.3)],
+            "the file's tasks and weights"
+        );
+
+        // Per-task options edit the file's tasks; --data replaces them.
+        let edited = train_args(&[
+            "--config",
+            path,
+            "--weight-b",
+            "0.5",
+            "--task-passes",
+            "emo=2",
+        ])
+        .to_config()
+        .unwrap();
+        let tasks: Vec<(f64, usize)> = edited.tasks.iter().map(|t| (t.weight, t.passes)).collect();
+        assert_eq!(tasks, [(3.0, 2), (0.5, 1)]);
+        let replaced = train_args(&["--config", path, "--data", "d"])
+            .to_config()
+            .unwrap();
+        assert_eq!(
+            replaced.tasks,
+            TrainConfig::tweeteval_tasks("d".as_ref(), "emotion", "sentiment")
+        );
+        assert!(train_args(&["--config", path, "--task-weight", "x=1"])
+            .to_config()
+            .is_err());
+        // The flags flip the file's booleans only when given.
+        let quiet = train_args(&["--config", path, "--no-test"])
+            .to_config()
+            .unwrap();
+        assert!(!quiet.test_at_end && !quiet.verbose);
+    }
+
+    /// What `--print-config` prints, `--config` reads back as the same run.
+    #[test]
+    fn printed_settings_read_back_as_the_same_configuration() {
+        let config = train_args(&[
+            "--data",
+            "d",
+            "--task",
+            "s=x:sts",
+            "--freeze",
+            "lower:1",
+            "--max-grad-norm",
+            "1",
+            "--overfit-batch",
+            "--backbone-lr",
+            "3e-5",
+        ])
+        .to_config()
+        .unwrap();
+        let file = settings_file("printed.toml", &toml::to_string(&config).unwrap());
+        let read = train_args(&["--config", file.to_str().unwrap()])
+            .to_config()
+            .unwrap();
+        assert_eq!(read, config);
+    }
+
+    /// The tuned setting the README points to is the flags it stands for.
+    #[test]
+    fn the_shipped_tuned_settings_are_the_chosen_flags() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tweeteval-tuned.toml");
+        let from_file = train_args(&["--config", path, "--data", "d"])
+            .to_config()
+            .unwrap();
+        let flags = [
+            "--data",
+            "d",
+            "--emoji",
+            "text",
+            "--unescape",
+            "--freeze",
+            "lower:1",
+            "--label-smoothing",
+            "0.3",
+        ];
+        assert_eq!(from_file, train_args(&flags).to_config().unwrap());
+        assert_ne!(from_file, train_args(&["--data", "d"]).to_config().unwrap());
+        // The text options (flattened from `TextPrepArgs`) override it too.
+        let keep = train_args(&["--config", path, "--data", "d", "--emoji", "keep"]);
+        assert_eq!(keep.to_config().unwrap().emoji, EmojiMode::Keep);
+    }
+
+    #[test]
+    fn a_settings_file_without_tasks_or_with_a_bad_setting_is_refused() {
+        let no_tasks = settings_file("no-tasks.toml", "epochs = 2\n");
+        assert!(Cli::try_parse_from(["train"]).is_err(), "no task, no file");
+        let err = train_args(&["--config", no_tasks.to_str().unwrap()])
+            .to_config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no tasks"), "{err}");
+        let typo = settings_file("typo.json", "{\"label_smothing\": 0.1}");
+        let err = train_args(&["--config", typo.to_str().unwrap(), "--data", "d"])
+            .to_config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown setting `label_smothing`"), "{err}");
+        let missing = train_args(&["--config", "/nonexistent/x.toml", "--data", "d"]).to_config();
+        assert!(format!("{:#}", missing.unwrap_err()).contains("/nonexistent/x.toml"));
+        // Parsed without noting the options given, --config is refused rather
+        // than letting the defaults override the file.
+        let plain = Cli::parse_from(["train", "--config", no_tasks.to_str().unwrap()]).train;
+        assert!(plain.to_config().is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Multi-task training: [`MultiTaskTrainer`] and what it is built from: the
-//! configuration, AdamW with parameter groups, the learning-rate schedule,
+//! configuration (and settings files), AdamW with parameter groups, the learning-rate schedule,
 //! metrics, evaluation, atomic checkpoints, and the run's records and plots; and
 //! the STS benchmark's evaluation of an encoder ([`sts`]).
 
@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod optim;
 pub mod records;
 pub mod schedule;
+pub mod settings;
 pub mod sts;
 pub mod trainer;
 
@@ -21,5 +22,6 @@ pub use records::{
     EpochRecord, OverfitReport, StepRecord, TrainReport, TrainState, MEMORISED_LOSS,
 };
 pub use schedule::LrSchedule;
+pub use settings::Settings;
 pub use sts::{evaluate_sts, sts_report, StsReport};
 pub use trainer::MultiTaskTrainer;

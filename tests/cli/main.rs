@@ -10,6 +10,7 @@ use clap::Parser;
 use sentence_mtl::cli::device::{DTypeArg, DeviceArgs, DeviceChoice};
 use sentence_mtl::cli::{Cli, Command};
 use sentence_mtl::model::Pooling;
+use sentence_mtl::train::TrainConfig;
 
 fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(std::iter::once("sentence-mtl").chain(args.iter().copied()))
@@ -520,4 +521,87 @@ fn train_takes_any_tasks_and_eval_scores_each() {
         "{stderr}"
     );
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// `train --config FILE.toml` runs the file's settings; `--config CHECKPOINT`
+/// reruns a run's settings into another folder, options given overriding.
+#[test]
+fn train_runs_a_settings_file_and_reruns_a_checkpoints_settings() {
+    let shared = shared::shared_dir().join("data");
+    let base = std::env::temp_dir().join(format!("sentence-mtl-cli-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (first, second) = (base.join("first"), base.join("second"));
+    let settings = format!(
+        "max_steps = 1\nmax_len = 24\nlabel_smoothing = 0.3\nfreeze = \"lower:1\"\n\
+         emoji = \"text\"\nverbose = false\ntest_at_end = false\n\
+         [[tasks]]\nname = \"emo\"\ndir = {:?}\nkind = \"classification\"\nweight = 1\n",
+        shared.join("tweeteval/emotion").display().to_string()
+    );
+    let file = temp_file("settings.toml", settings.as_bytes());
+    let cpu: [&std::ffi::OsStr; 2] = ["--device".as_ref(), "cpu".as_ref()];
+    let report = run_cli_json(
+        &[
+            &["train".as_ref(), "--config".as_ref(), file.as_os_str()][..],
+            &["--output".as_ref(), first.as_os_str()],
+            &cpu,
+        ]
+        .concat(),
+    );
+    assert_eq!(report["tasks"], serde_json::json!(["emo"]));
+    assert_eq!(
+        (report["steps"].clone(), report["freeze"].clone()),
+        (1.into(), "lower:1".into())
+    );
+    let recorded = |dir: &std::path::Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.join("checkpoint/multitask.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["config"].clone()
+    };
+    let first_config = recorded(&first);
+    assert_eq!(first_config["label_smoothing"], 0.3);
+    assert_eq!(first_config["emoji"], "text");
+
+    // --print-config prints, as TOML, the settings the run recorded.
+    let printed = run_cli(
+        &[
+            &["train".as_ref(), "--config".as_ref(), file.as_os_str()][..],
+            &[
+                "--output".as_ref(),
+                first.as_os_str(),
+                "--print-config".as_ref(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(printed.status.success());
+    let printed: TrainConfig =
+        toml::from_str(std::str::from_utf8(&printed.stdout).unwrap()).unwrap();
+    assert_eq!(
+        printed,
+        serde_json::from_value(first_config.clone()).unwrap()
+    );
+
+    // Rerun from the checkpoint folder, one setting overridden.
+    let checkpoint = first.join("checkpoint");
+    run_cli_json(
+        &[
+            &[
+                "train".as_ref(),
+                "--config".as_ref(),
+                checkpoint.as_os_str(),
+            ][..],
+            &[
+                "--output".as_ref(),
+                second.as_os_str(),
+                "--seed".as_ref(),
+                "5".as_ref(),
+            ],
+            &cpu,
+        ]
+        .concat(),
+    );
+    let mut expected = first_config.clone();
+    expected["output_dir"] = second.to_str().unwrap().into();
+    expected["seed"] = 5.into();
+    assert_eq!(recorded(&second), expected);
+    std::fs::remove_dir_all(&base).unwrap();
 }
