@@ -661,7 +661,7 @@ mod tests {
             "--freeze",
             "lower:1",
             "--label-smoothing",
-            "0.3",
+            "0.4",
         ];
         assert_eq!(from_file, train_args(&flags).to_config().unwrap());
         assert_ne!(from_file, train_args(&["--data", "d"]).to_config().unwrap());
