@@ -613,6 +613,29 @@ mod tests {
         assert!(train_args(&["--config", path, "--task-weight", "x=1"])
             .to_config()
             .is_err());
+        // --overfit-steps alone edits the file's overfit mode.
+        let overfit = settings_file(
+            "overfit.toml",
+            &format!("overfit = {{ batch_size = 4, max_steps = 50 }}\n{TWO_TASKS}"),
+        );
+        let overfit = overfit.to_str().unwrap();
+        let steps = |extra: &[&str]| {
+            let args = [&["--config", overfit][..], extra].concat();
+            train_args(&args).to_config().unwrap().overfit
+        };
+        let file_overfit = OverfitConfig {
+            batch_size: 4,
+            max_steps: 50,
+        };
+        assert_eq!(steps(&[]), Some(file_overfit));
+        let longer = steps(&["--overfit-steps", "100"]);
+        assert_eq!(
+            longer,
+            Some(OverfitConfig {
+                max_steps: 100,
+                ..file_overfit
+            })
+        );
         // The flags flip the file's booleans only when given.
         let quiet = train_args(&["--config", path, "--no-test"])
             .to_config()
