@@ -297,8 +297,9 @@ impl TrainArgs {
     }
 }
 
-/// The configuration field an option of `train` sets (the same name for most;
-/// the tasks' options and the device's set none a file can).
+/// The configuration field an option of `train` sets, which the option then
+/// overrides in a settings file (most options share their field's name; the
+/// device options and the per-task edits name no field, so remove nothing).
 fn config_field(option: &str) -> &str {
     match option {
         "output" => "output_dir",

@@ -3,11 +3,11 @@
 //! a checkpoint recorded, so a setting can be shared, versioned and rerun.
 //!
 //! ```toml
-//! # configs/tweeteval-tuned.toml
+//! # as in configs/tweeteval-tuned.toml
 //! emoji = "text"
 //! unescape = true
 //! freeze = "lower:1"
-//! label_smoothing = 0.3
+//! label_smoothing = 0.4
 //! ```
 //!
 //! Fields keep their [`TrainConfig`] names and serialised forms (`freeze =
